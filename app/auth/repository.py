@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth.models import ApiToken
+
+
+class TokenRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def by_name(self, name: str) -> ApiToken | None:
+        return self.session.scalar(select(ApiToken).where(ApiToken.name == name))
+
+    def get(self, token_id: int) -> ApiToken | None:
+        return self.session.get(ApiToken, token_id)
+
+    def list(self) -> Sequence[ApiToken]:
+        return self.session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
+
+    def add(self, token: ApiToken) -> ApiToken:
+        self.session.add(token)
+        self.session.flush()
+        return token

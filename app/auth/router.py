@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from app.auth import service
+from app.auth.repository import TokenRepository
+from app.auth.schemas import Me, TokenCreate, TokenCreated, TokenOut
+from app.core.db import SessionDep
+from app.core.security import Admin, Anyone
+
+router = APIRouter(tags=["auth"])
+
+
+@router.get("/me", response_model=Me)
+def me(principal: Anyone) -> Me:
+    """Who the bearer token belongs to."""
+    return Me(id=principal.token_id, name=principal.name, role=principal.role)
+
+
+@router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenCreate, session: SessionDep, _: Admin) -> TokenCreated:
+    """Create an API token (admin). The secret is returned once."""
+    row, secret = service.create_token(session, body.name, body.role)
+    return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
+
+
+@router.get("/tokens", response_model=list[TokenOut])
+def list_tokens(session: SessionDep, _: Admin) -> list[TokenOut]:
+    """List API tokens (admin); secrets are never returned."""
+    return [TokenOut.model_validate(t) for t in TokenRepository(session).list()]
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenOut)
+def revoke_token(token_id: int, session: SessionDep, _: Admin) -> TokenOut:
+    """Revoke an API token (admin)."""
+    return TokenOut.model_validate(service.revoke_token(session, token_id))

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from app.auth.models import ApiToken, Role
+from app.auth.repository import TokenRepository
+from app.core.errors import Conflict, NotFound
+from app.core.security import hash_token, new_token
+
+
+def create_token(session: Session, name: str, role: Role) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the secret (shown once)."""
+    repo = TokenRepository(session)
+    if repo.by_name(name) is not None:
+        raise Conflict(f"a token named {name!r} already exists")
+    secret = new_token()
+    row = repo.add(ApiToken(name=name, role=role, token_hash=hash_token(secret), prefix=secret[:10]))
+    return row, secret
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    row = TokenRepository(session).get(token_id)
+    if row is None:
+        raise NotFound(f"token {token_id} not found")
+    if row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
+    return row

@@ -1,0 +1,89 @@
+"""The ``crowdsam`` command: serve, worker, db, token."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from app.auth.models import Role
+
+app = typer.Typer(help="crowdsam: crowd boxes on CT → SAM organ masks", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic)", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="bind address"),
+    port: int = typer.Option(8000, help="port"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+    migrate: bool = typer.Option(True, help="run `db upgrade` first"),
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.core.services import database_url, redis_url
+
+    # Resolve (and start, when embedded) the servers once so worker processes share them.
+    os.environ.setdefault("DATABASE_URL", database_url())
+    os.environ.setdefault("REDIS_URL", redis_url())
+    if migrate:
+        from app import migrate as migrations
+
+        migrations.upgrade()
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def worker(
+    queues: list[str] = typer.Option(["sam", "cpu"], "--queue", "-q", help="queues to listen on"),
+    burst: bool = typer.Option(False, help="exit when the queues are empty"),
+) -> None:
+    """Run an RQ worker on the project's queues."""
+    from workers.run import run_worker
+
+    run_worker(queues, burst=burst)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from app import migrate as migrations
+
+    migrations.upgrade(revision=revision)
+    typer.echo(f"database at {revision}", err=True)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="target revision, e.g. base")) -> None:
+    """Revert migrations down to REVISION."""
+    from app import migrate as migrations
+
+    migrations.downgrade(revision=revision)
+
+
+@token_app.command("create")
+def token_create(
+    name: str = typer.Option(..., help="unique name; annotators are identified by it"),
+    role: Role = typer.Option(..., help="admin | researcher | annotator"),
+) -> None:
+    """Create a token and print only the secret on stdout."""
+    from app.auth.service import create_token
+    from app.core.db import session_scope
+    from app.core.errors import CrowdsamError
+
+    with session_scope() as session:
+        try:
+            _row, secret = create_token(session, name, role)
+        except CrowdsamError as exc:
+            typer.echo(f"error: {exc.detail}", err=True)
+            raise typer.Exit(1) from exc
+        session.commit()
+    typer.echo(secret)
+
+
+if __name__ == "__main__":
+    app()

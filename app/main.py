@@ -1,0 +1,65 @@
+"""Application factory: routers, error handlers, body limits."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.auth.router import router as auth_router
+from app.core.config import get_settings
+from app.core.errors import CrowdsamError
+from app.core.limits import BodySizeLimitMiddleware
+from app.datasets.router import router as datasets_router
+from app.health import router as health_router
+from app.volumes.router import router as volumes_router
+
+log = logging.getLogger("crowdsam")
+
+API_PREFIX = "/api/v1"
+API_ROUTERS = [auth_router, datasets_router, volumes_router]
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(
+        title="crowdsam",
+        version="0.1.0",
+        description="Crowd-sourced boxes on CT slices → 3D organ masks with SAM; nnU-Net export and evaluation.",
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.include_router(health_router)
+    for router in API_ROUTERS:
+        app.include_router(router, prefix=API_PREFIX)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CrowdsamError)
+    async def crowdsam_error(_: Request, exc: CrowdsamError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("unhandled service error: %s", exc.detail)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+app = create_app()

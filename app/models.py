@@ -1,0 +1,15 @@
+"""Every ORM model, imported once so metadata (Alembic, tests) sees the whole schema."""
+
+from app.auth.models import ApiToken, Role
+from app.core.db import Base
+from app.datasets.models import Dataset
+from app.evaluations.models import Evaluation
+from app.exports.models import Export
+from app.prompts.models import Prompt, SliceView
+from app.segmentations.models import Segmentation
+from app.volumes.models import Volume
+
+__all__ = [
+    "ApiToken", "Base", "Dataset", "Evaluation", "Export", "Prompt", "Role", "Segmentation",
+    "SliceView", "Volume",
+]

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, Response, UploadFile, status
+from fastapi.responses import StreamingResponse
+
+from app.core.db import SessionDep
+from app.core.errors import Invalid, NotFound
+from app.core.security import Anyone, Staff
+from app.core.storage import get_storage
+from app.datasets.repository import DatasetRepository
+from app.volumes import service, slices
+from app.volumes.models import Volume
+from app.volumes.repository import VolumeRepository
+from app.volumes.schemas import Split, VolumeOut
+
+router = APIRouter(tags=["volumes"])
+
+
+def volume_out(volume: Volume) -> VolumeOut:
+    rows, cols = volume.canonical_shape[1], volume.canonical_shape[0]
+    return VolumeOut.model_validate(
+        {
+            **{c: getattr(volume, c) for c in VolumeOut.model_fields if hasattr(volume, c)},
+            "display_size": [cols, rows],
+        }
+    )
+
+
+def _spool(upload: UploadFile, directory: Path, name: str) -> service.UploadedFile:
+    """Copy the upload to a local file whose suffix follows its content (gzip or not)."""
+    upload.file.seek(0)
+    gzipped = upload.file.read(2) == b"\x1f\x8b"
+    upload.file.seek(0)
+    target = directory / (name + (".nii.gz" if gzipped else ".nii"))
+    with target.open("wb") as out:
+        while chunk := upload.file.read(1 << 20):
+            out.write(chunk)
+    return service.UploadedFile(target, upload.filename or "")
+
+
+@router.post(
+    "/datasets/{dataset_id}/volumes", response_model=VolumeOut, status_code=status.HTTP_201_CREATED
+)
+def upload_volume(
+    dataset_id: int,
+    session: SessionDep,
+    _: Staff,
+    image: Annotated[UploadFile, File(description="CT volume, .nii or .nii.gz")],
+    case_id: Annotated[str, Form()],
+    split: Annotated[Split, Form()] = "train",
+    reference: Annotated[UploadFile | None, File(description="label map on the image's geometry")] = None,
+    reference_map: Annotated[
+        str | None, Form(description='JSON: source value → label name, e.g. {"1": "spleen"}')
+    ] = None,
+    reference_other: Annotated[
+        str | None, Form(description="'background' drops reference values not in reference_map")
+    ] = None,
+) -> VolumeOut:
+    """Upload a CT volume (and optionally its reference label map); everything is validated first."""
+    dataset = DatasetRepository(session).get(dataset_id)
+    if reference_other not in (None, "", "background"):
+        raise Invalid("reference_other: the only accepted value is 'background'")
+    options = service.ReferenceOptions(
+        mapping=service.parse_reference_map(reference_map, dataset),
+        other_to_background=reference_other == "background",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        image_file = _spool(image, Path(tmp), "image")
+        ref_file = _spool(reference, Path(tmp), "reference") if reference is not None else None
+        volume = service.upload_volume(
+            session,
+            get_storage(),
+            dataset,
+            image=image_file,
+            case_id=case_id,
+            split=split,
+            reference=ref_file,
+            reference_options=options,
+        )
+    return volume_out(volume)
+
+
+@router.get("/datasets/{dataset_id}/volumes", response_model=list[VolumeOut])
+def list_volumes(dataset_id: int, session: SessionDep, _: Anyone) -> list[VolumeOut]:
+    """Volumes of a dataset."""
+    DatasetRepository(session).get(dataset_id)
+    return [volume_out(v) for v in VolumeRepository(session).list_for_dataset(dataset_id)]
+
+
+@router.get("/volumes/{volume_id}", response_model=VolumeOut)
+def get_volume(volume_id: int, session: SessionDep, _: Anyone) -> VolumeOut:
+    """Volume metadata: shape, spacing, orientation, number of slices."""
+    return volume_out(VolumeRepository(session).get(volume_id))
+
+
+@router.delete("/volumes/{volume_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_volume(
+    volume_id: int, session: SessionDep, _: Staff, background: BackgroundTasks
+) -> Response:
+    """Delete a volume, its prompts, masks and files (files go once the deletion has committed)."""
+    repo = VolumeRepository(session)
+    volume = repo.get(volume_id)
+    canonical_key = volume.canonical_key
+    repo.delete(volume)
+    session.commit()
+    slices.forget(canonical_key)
+    background.add_task(get_storage().delete_prefix, f"volumes/{volume_id}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/volumes/{volume_id}/slices/{k}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "8-bit grayscale display slice"}},
+)
+def slice_png(
+    volume_id: int,
+    k: int,
+    request: Request,
+    session: SessionDep,
+    _: Anyone,
+    level: Annotated[float | None, Query(ge=-2000, le=5000)] = None,
+    width: Annotated[float | None, Query(gt=0, le=10000)] = None,
+) -> Response:
+    """Axial slice ``k`` in display orientation (anterior up, patient right on the left), windowed."""
+    volume = VolumeRepository(session).get(volume_id)
+    dataset = DatasetRepository(session).get(volume.dataset_id)
+    lvl = dataset.window_level if level is None else level
+    wid = dataset.window_width if width is None else width
+    slices.check_slice(volume, k)
+    etag = f'"{volume.sha256[:16]}-{k}-{lvl:g}-{wid:g}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    png = slices.display_png(get_storage(), volume, k, lvl, wid)
+    return Response(png, media_type="image/png", headers=headers)
+
+
+def _stream(key: str, filename: str) -> StreamingResponse:
+    handle = get_storage().open(key)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/gzip" if filename.endswith(".gz") else "application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/volumes/{volume_id}/image", response_class=StreamingResponse)
+def download_image(volume_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+    """The image exactly as uploaded."""
+    volume = VolumeRepository(session).get(volume_id)
+    suffix = ".nii.gz" if volume.image_key.endswith(".gz") else ".nii"
+    return _stream(volume.image_key, f"{volume.case_id}{suffix}")
+
+
+@router.get("/volumes/{volume_id}/reference", response_class=StreamingResponse)
+def download_reference(volume_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+    """The reference label map in the dataset's label values (researchers only)."""
+    volume = VolumeRepository(session).get(volume_id)
+    if volume.reference_key is None:
+        raise NotFound(f"volume {volume_id} has no reference label map")
+    return _stream(volume.reference_key, f"{volume.case_id}_reference.nii.gz")

@@ -1,0 +1,55 @@
+"""Display slices from the canonical cache (memory-mapped .npy, so one slice reads one slice)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app.core.errors import NotFound
+from app.core.storage import Storage
+from app.imaging.coords import display_slice
+from app.imaging.render import png_bytes, window_to_uint8
+from app.volumes.models import Volume
+
+_CACHE_SIZE = 16
+_cache: OrderedDict[str, npt.NDArray[Any]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def canonical_array(storage: Storage, key: str) -> npt.NDArray[Any]:
+    """The canonical volume, memory-mapped when local; a small LRU keeps recent volumes open."""
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    if storage.is_local:
+        with storage.local_copy(key) as path:
+            array = np.load(path, mmap_mode="r")
+    else:
+        array = np.load(io.BytesIO(storage.read_bytes(key)))
+    with _lock:
+        _cache[key] = array
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return array
+
+
+def forget(key: str) -> None:
+    with _lock:
+        _cache.pop(key, None)
+
+
+def check_slice(volume: Volume, k: int) -> None:
+    if not 0 <= k < volume.n_slices:
+        raise NotFound(f"slice {k} out of range: volume {volume.id} has slices 0..{volume.n_slices - 1}")
+
+
+def display_png(storage: Storage, volume: Volume, k: int, level: float, width: float) -> bytes:
+    check_slice(volume, k)
+    canonical = canonical_array(storage, volume.canonical_key)
+    return png_bytes(window_to_uint8(display_slice(canonical, k), level, width))

@@ -1,0 +1,157 @@
+"""Shared fixtures: real PostgreSQL + Redis, a migrated database per session, clean state per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data" / "samples"
+CT_DIR = SAMPLES / "totalsegmentator"
+SEED_DIR = SAMPLES / "seed"
+ARTIFACTS = ROOT / "test-artifacts"
+
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the app at the test servers before any app module caches settings."""
+    from tests import services
+
+    base = Path(os.environ.get("CROWDSAM_TEST_DIR", "/tmp")) / f"crowdsam-tests-{os.getpid()}"
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    embedded = ROOT / "var" / "test-services"
+    server = services.postgres_server_url(embedded)
+    url = services.create_database(server)
+    redis_url = services.redis_test_url(services.redis_server_url(embedded))
+    os.environ["DATABASE_URL"] = url
+    os.environ["REDIS_URL"] = redis_url
+    os.environ["CROWDSAM_DATA_DIR"] = str(base / "data")
+    os.environ.pop("CROWDSAM_STORAGE_URL", None)
+    config._crowdsam = (server, url, base)  # type: ignore[attr-defined]
+
+    from app import migrate
+
+    migrate.upgrade(url)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = getattr(config, "_crowdsam", None)
+    if state is None:
+        return
+    server, url, base = state
+    from app.core.db import get_engine
+    from tests import services
+
+    get_engine().dispose()
+    services.drop_database(server, url)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def clean_state() -> Iterator[None]:
+    """Every test starts with empty tables, an empty Redis db and an empty store."""
+    from sqlalchemy import text
+
+    from app.core.db import get_engine
+    from app.core.redis import get_redis
+    from app.core.storage import get_storage
+    from app.models import Base
+    from app.volumes import slices
+
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    get_redis().flushdb()
+    storage = get_storage()
+    shutil.rmtree(storage.root, ignore_errors=True)
+    Path(storage.root).mkdir(parents=True, exist_ok=True)
+    slices._cache.clear()
+    yield
+
+
+@pytest.fixture
+def client() -> Iterator[object]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+@dataclass
+class Tokens:
+    admin: str
+    researcher: str
+    annotator: str
+    annotator2: str
+
+    def headers(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {getattr(self, role)}"}
+
+
+@pytest.fixture
+def tokens() -> Tokens:
+    from app.auth.models import Role
+    from app.auth.service import create_token
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        made = {
+            name: create_token(session, name, role)[1]
+            for name, role in [
+                ("admin", Role.admin),
+                ("researcher", Role.researcher),
+                ("annotator", Role.annotator),
+                ("annotator2", Role.annotator),
+            ]
+        }
+        session.commit()
+    return Tokens(**made)
+
+
+ABDOMEN_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "aorta": 52}
+TOTALSEG_MAP = {"1": "spleen", "2": "kidney_right", "3": "kidney_left", "5": "liver", "52": "aorta"}
+
+
+@pytest.fixture
+def dataset(client, tokens) -> dict:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/api/v1/datasets",
+        json={"name": "abdomen", "labels": ABDOMEN_LABELS, "window": {"level": 40, "width": 400}},
+        headers=tokens.headers("researcher"),
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def upload(client, tokens, dataset_id: int, image: Path, reference: Path | None = None,  # type: ignore[no-untyped-def]
+           case_id: str = "case1", split: str = "train", **form: str):
+    files = {"image": (image.name, image.read_bytes(), "application/gzip")}
+    if reference is not None:
+        files["reference"] = (reference.name, reference.read_bytes(), "application/gzip")
+    data = {"case_id": case_id, "split": split, **form}
+    return client.post(
+        f"/api/v1/datasets/{dataset_id}/volumes", files=files, data=data, headers=tokens.headers("researcher")
+    )
+
+
+@pytest.fixture
+def sm_volume(client, tokens, dataset) -> dict:  # type: ignore[no-untyped-def]
+    """``example_ct_sm`` with its reference (TotalSegmentator values mapped to the five organs)."""
+    import json
+
+    response = upload(
+        client, tokens, dataset["id"], CT_DIR / "example_ct_sm.nii.gz", CT_DIR / "example_seg.nii.gz",
+        case_id="sm", reference_map=json.dumps(TOTALSEG_MAP), reference_other="background",
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
