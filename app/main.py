@@ -14,13 +14,28 @@ from app.core.config import get_settings
 from app.core.errors import CrowdsamError
 from app.core.limits import BodySizeLimitMiddleware
 from app.datasets.router import router as datasets_router
+from app.evaluations.router import router as evaluations_router
+from app.exports.router import router as exports_router
 from app.health import router as health_router
+from app.prompts.router import router as prompts_router
+from app.segmentations.router import router as segmentations_router
+from app.tasks.router import router as tasks_router
 from app.volumes.router import router as volumes_router
+from app.web.router import router as web_router
 
 log = logging.getLogger("crowdsam")
 
 API_PREFIX = "/api/v1"
-API_ROUTERS = [auth_router, datasets_router, volumes_router]
+API_ROUTERS = [
+    auth_router,
+    datasets_router,
+    volumes_router,
+    prompts_router,
+    tasks_router,
+    segmentations_router,
+    exports_router,
+    evaluations_router,
+]
 
 
 def create_app() -> FastAPI:
@@ -32,6 +47,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.include_router(health_router)
+    app.include_router(web_router)  # browser pages (/annotate, /review/{id}) and their static assets
     for router in API_ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
     _install_error_handlers(app)
