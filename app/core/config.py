@@ -30,12 +30,24 @@ class Settings(BaseSettings):
     token_prefix: str = Field(default="csam_", alias="CROWDSAM_TOKEN_PREFIX")
     token_bytes: int = Field(default=32, alias="CROWDSAM_TOKEN_BYTES")
 
-    default_window_level: float = 40.0
-    default_window_width: float = 400.0
+    checkpoint_dir: Path = Field(default=Path("checkpoints"), alias="CROWDSAM_CHECKPOINT_DIR")
+    embedding_cache_entries: int = Field(default=256, alias="CROWDSAM_EMBEDDING_CACHE_ENTRIES",
+                                         description="in-memory LRU size (slices)")
+    embedding_cache_bytes: int = Field(default=2 * 1024**3, alias="CROWDSAM_EMBEDDING_CACHE_BYTES",
+                                       description="on-disk embedding cache bound; oldest evicted first")
+    torch_threads: int | None = Field(default=None, alias="CROWDSAM_TORCH_THREADS")
+    job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
+    task_lease_s: int = Field(default=120, alias="CROWDSAM_TASK_LEASE_S")
+    annotators_per_slice: int = Field(default=3, alias="CROWDSAM_ANNOTATORS_PER_SLICE")
 
     @property
     def store_url(self) -> str:
         return self.storage_url or str((self.data_dir / "store").resolve())
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local, disposable caches (embeddings, decoded slices): always on the worker's disk."""
+        return self.data_dir / "cache"
 
 
 @lru_cache
