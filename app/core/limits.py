@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once the streamed body passes the limit.
+
+    An ``HTTPException`` on purpose: FastAPI turns any other exception raised while it parses a
+    body into "400 There was an error parsing the body", but re-raises HTTP exceptions as they are.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(status_code=413, detail=_too_large(max_bytes))
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body exceeds the limit of {max_bytes} bytes"
 
 
 class BodySizeLimitMiddleware:
@@ -34,7 +46,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -50,7 +62,7 @@ class BodySizeLimitMiddleware:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body exceeds the limit of {self.max_bytes} bytes"}).encode()
+        body = json.dumps({"detail": _too_large(self.max_bytes)}).encode()
         await send(
             {
                 "type": "http.response.start",
