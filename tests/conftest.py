@@ -155,3 +155,20 @@ def sm_volume(client, tokens, dataset) -> dict:  # type: ignore[no-untyped-def]
     )
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@pytest.fixture
+def run_jobs():  # type: ignore[no-untyped-def]
+    """Drain RQ queues (default ``sam`` and ``cpu``) with a real in-process ``rq.SimpleWorker`` in burst mode.
+
+    Call it as ``run_jobs()`` or ``run_jobs("sam")``; returns True when any job ran.
+    """
+    from rq import SimpleWorker
+
+    from app.core.redis import get_queue, get_redis
+
+    def drain(*queue_names: str) -> bool:
+        queues = [get_queue(name) for name in (queue_names or ("sam", "cpu"))]
+        return bool(SimpleWorker(queues, connection=get_redis()).work(burst=True))
+
+    return drain
