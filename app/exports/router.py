@@ -1,5 +1,58 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, status
+from fastapi.responses import StreamingResponse
+
+from app.core.db import SessionDep
+from app.core.errors import CrowdsamError
+from app.core.jobs import JobStatus
+from app.core.security import Staff
+from app.core.storage import get_storage
+from app.datasets.repository import DatasetRepository
+from app.exports import service
+from app.exports.repository import ExportRepository
+from app.exports.schemas import ExportCreate, ExportOut
 
 router = APIRouter(tags=["exports"])
+
+
+@router.post("/datasets/{dataset_id}/exports", response_model=ExportOut, status_code=status.HTTP_202_ACCEPTED)
+def create_export(dataset_id: int, body: ExportCreate, session: SessionDep, principal: Staff) -> ExportOut:
+    """Queue an nnU-Net v2 raw dataset export (checked completely before it is queued)."""
+    dataset = DatasetRepository(session).get(dataset_id)
+    row = service.create_export(session, dataset, body, principal)
+    session.commit()
+    try:
+        service.enqueue(row)
+    except Exception as exc:
+        row.status = JobStatus.failed
+        row.error = f"could not enqueue: {exc}"
+        session.commit()
+        raise CrowdsamError(f"export {row.id} could not be queued") from exc
+    return service.to_out(row)
+
+
+@router.get("/exports/{export_id}", response_model=ExportOut)
+def get_export(export_id: int, session: SessionDep, _: Staff) -> ExportOut:
+    """Status, file list with sizes and sha256, and dataset.json of an export."""
+    return service.to_out(ExportRepository(session).get(export_id))
+
+
+@router.get("/exports/{export_id}/archive", response_class=StreamingResponse)
+def download_archive(export_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+    """The export as a streamed ``.tar.gz`` (409 while it is still running)."""
+    row = ExportRepository(session).get(export_id)
+    key = service.archive_key(row)
+    handle = get_storage().open(key)
+    folder = (row.result or {}).get("folder", f"export{row.id}")
+
+    def chunks():  # type: ignore[no-untyped-def]
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    headers = {
+        "Content-Disposition": f'attachment; filename="{folder}.tar.gz"',
+        "Content-Length": str(get_storage().size(key)),
+    }
+    return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class ExportCreate(BaseModel):
+    """Parameters of an nnU-Net v2 raw dataset export."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["nnunet-v2"] = "nnunet-v2"
+    dataset_number: int = Field(description="nnU-Net dataset id, 11..999 (001-010 are reserved by nnU-Net)")
+    dataset_name: str | None = Field(default=None, description="folder suffix; default: the dataset's name, sanitised")
+    label_source: Literal["reference", "segmentation"] = "reference"
+    model: str | None = Field(default=None, description="segmentation model (label_source=segmentation)")
+    unprompted: Literal["background", "ignore"] = Field(
+        default="background", description="'ignore' marks slices no annotator saw with nnU-Net's ignore label"
+    )
+    include_test: bool = True
+
+    @field_validator("dataset_number")
+    @classmethod
+    def _number(cls, value: int) -> int:
+        if not 1 <= value <= 999:
+            raise ValueError(f"dataset_number {value} must be in 1..999 (three digits)")
+        if value <= 10:
+            raise ValueError(f"dataset_number {value} is reserved by nnU-Net (001-010); use 11..999")
+        return value
+
+
+class ExportFile(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ExportOut(BaseModel):
+    id: int
+    dataset_id: int
+    format: str
+    status: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    error: str | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    folder: str | None = Field(default=None, description="DatasetXXX_Name")
+    files: list[ExportFile] | None = None
+    archive: ExportFile | None = Field(default=None, description="the .tar.gz (GET .../archive)")
+    dataset_json: dict[str, Any] | None = None
