@@ -1,17 +1,148 @@
-"""Worker start-up: one RQ worker process on the project's queues."""
+"""Worker start-up: recover jobs of dead workers, load the model once, then run an RQ worker.
+
+Why ``SimpleWorker`` (jobs run inside the worker process, no fork per job):
+- CUDA cannot be used in a child forked from a process that already initialised it ("Cannot
+  re-initialize CUDA in forked subprocess"), and RQ's default ``Worker`` forks a work horse per
+  job. A SimpleWorker never forks, so the CUDA context and the model weights created once in
+  this process stay valid for every job — the model is loaded once per process (``get_engine``
+  caches it), and the in-memory embedding/decode caches survive between jobs, which is what
+  makes a rerun after one new box cost one decoder call.
+- RQ's job timeout still works: SimpleWorker runs the job in the main thread, where the
+  SIGALRM death penalty is delivered.
+- The price: a job that crashes the interpreter (SIGKILL, OOM killer, segfault in a native
+  library) takes the worker with it. Run workers under a supervisor that restarts them; on
+  start, :func:`requeue_abandoned` hands the dead worker's job back to RQ's retry logic, and
+  jobs are idempotent (see ``workers.jobs.segmentation``).
+- Scale by running more worker processes (one per GPU), not by forking.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from collections.abc import Iterable
+from typing import Any
 
-from rq import SimpleWorker
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.registry import StartedJobRegistry
+from rq.utils import as_text
 
 from app.core.redis import get_queue, get_redis
 
+log = logging.getLogger("crowdsam.worker")
 
-def run_worker(queue_names: list[str], *, burst: bool = False) -> None:
-    """Start a worker. ``SimpleWorker`` runs jobs in this process (no fork): models load once and
-    CUDA contexts stay valid, which a forking worker cannot guarantee."""
+
+def _worker_alive(connection: Redis, worker_name: str) -> bool:
+    """Is the worker that holds an execution still alive?
+
+    A worker's Redis key outlives a SIGKILL by up to ``job_timeout + 60`` s (SimpleWorker sets
+    its heartbeat TTL from the job timeout), so on this host we also ask the kernel about the pid.
+    Workers on other hosts count as alive until their key expires.
+    """
+    data = connection.hgetall(f"rq:worker:{worker_name}")
+    if not data:
+        return False
+    fields = {as_text(k): as_text(v) for k, v in data.items()}
+    if fields.get("death"):
+        return False
+    if fields.get("hostname") == socket.gethostname() and fields.get("pid", "").isdigit():
+        try:
+            os.kill(int(fields["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
+
+
+def requeue_abandoned(queues: Iterable[Queue], connection: Redis | None = None) -> list[str]:
+    """Hand jobs whose worker died mid-job back to RQ: retried while retries are left, else failed.
+
+    RQ 3.0 itself treats a started job as abandoned only once its execution's heartbeat expires
+    (``StartedJobRegistry.cleanup``), which for a SimpleWorker is ``job_timeout + 60`` s after the
+    crash. Here executions whose worker is provably dead are marked expired now and the same RQ
+    cleanup runs (failure callbacks, ``Retry`` with its backoff, or the FailedJobRegistry).
+    Returns the ids of the jobs handed back.
+    """
+    connection = connection or get_redis()
+    recovered: list[str] = []
+    for queue in queues:
+        registry = StartedJobRegistry(queue.name, connection=connection)
+        for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+            execution = Execution(id=execution_id, job_id=job_id, connection=connection)
+            worker_name = as_text(connection.hget(execution.key, "worker_name") or b"")
+            if worker_name and _worker_alive(connection, worker_name):
+                continue
+            connection.zadd(registry.key, {f"{job_id}:{execution_id}": 0}, xx=True)
+            recovered.append(job_id)
+        if recovered:
+            registry.cleanup()
+    for job_id in recovered:
+        log.warning("job %s was abandoned by a dead worker: handed back to RQ (retry or fail)", job_id)
+    _fail_rows_of_dead_jobs(recovered, connection)
+    return recovered
+
+
+def _fail_rows_of_dead_jobs(job_ids: list[str], connection: Redis) -> None:
+    """A job that ran out of retries while abandoned never runs again: say so on its row."""
+    from rq.job import Job, JobStatus
+
+    from workers.jobs.segmentation import SegmentationRunner
+
+    for job_id in job_ids:
+        if not job_id.startswith("segmentation-"):
+            continue
+        job = Job.fetch(job_id, connection=connection)
+        if job.get_status() == JobStatus.FAILED:
+            SegmentationRunner(int(job_id.split("-", 1)[1]))._end(
+                "failed", "the worker died while running this job and no retries are left"
+            )
+
+
+def preload(models: Iterable[str]) -> None:
+    """Load models before the first job (only those available here; failures are logged)."""
+    from workers.sam.registry import model_info
+
+    for name in models:
+        try:
+            if not model_info(name).available:
+                continue
+            from workers.sam.engine import get_engine
+
+            get_engine(name)
+            log.info("model %s loaded", name)
+        except Exception:
+            log.exception("could not preload model %s", name)
+
+
+class CrowdsamWorker(SimpleWorker):
+    """SimpleWorker that loads its models right after RQ forks its scheduler process.
+
+    RQ's scheduler runs in a forked child (Redis work only, never torch): starting it before
+    any model or CUDA context exists keeps that fork clean; the models then load once here.
+    """
+
+    preload_models: tuple[str, ...] = ()
+
+    def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:
+        super()._start_scheduler(*args, **kwargs)
+        preload(self.preload_models)
+
+
+def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: Iterable[str] | None = None) -> None:
+    """Start a worker on ``queue_names`` (see the module docstring for why SimpleWorker).
+
+    A long-running worker on ``sam`` preloads LiteMedSAM; a burst worker loads models on demand.
+    """
     os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queues = [get_queue(name) for name in queue_names]
-    SimpleWorker(queues, connection=get_redis()).work(burst=burst, with_scheduler=True)
+    requeue_abandoned(queues)
+    if preload_models is None:
+        preload_models = ("litemedsam",) if "sam" in queue_names and not burst else ()
+    worker = CrowdsamWorker(queues, connection=get_redis())
+    worker.preload_models = tuple(preload_models)
+    worker.work(burst=burst, with_scheduler=True)

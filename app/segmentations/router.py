@@ -1,5 +1,181 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from app.core.db import SessionDep
+from app.core.errors import Conflict, Invalid
+from app.core.jobs import JobStatus
+from app.core.security import Anyone, Staff
+from app.core.storage import get_storage
+from app.datasets.repository import DatasetRepository
+from app.segmentations import masks, service
+from app.segmentations.models import Segmentation
+from app.segmentations.repository import SegmentationRepository
+from app.segmentations.schemas import DatasetSegmentationsOut, ModelOut, SegmentationCreate, SegmentationOut
+from app.volumes import slices
+from app.volumes.repository import VolumeRepository
 
 router = APIRouter(tags=["segmentations"])
+
+
+@router.get("/models", response_model=list[ModelOut])
+def list_models(_: Anyone) -> list[ModelOut]:
+    """SAM models this deployment knows, and whether each can run (checkpoint present and verified)."""
+    return service.list_models()
+
+
+def _commit_and_enqueue(session: Session, rows: Sequence[Segmentation]) -> None:
+    """The worker must find the rows: commit first, then enqueue; a failed enqueue fails the rows."""
+    session.commit()
+    try:
+        service.enqueue(rows)
+    except Exception as exc:
+        for row in rows:
+            row.status = JobStatus.failed
+            row.error = f"could not enqueue the job: {exc}"
+        session.commit()
+        raise
+
+
+@router.post(
+    "/volumes/{volume_id}/segmentations", response_model=SegmentationOut, status_code=status.HTTP_202_ACCEPTED
+)
+def create_segmentation(
+    volume_id: int, body: SegmentationCreate, session: SessionDep, principal: Staff
+) -> SegmentationOut:
+    """Segment a volume's prompts with a model; poll GET /segmentations/{id} for progress."""
+    volume = VolumeRepository(session).get(volume_id)
+    dataset = DatasetRepository(session).get(volume.dataset_id)
+    row = service.create(session, volume, dataset, body, principal)
+    _commit_and_enqueue(session, [row])
+    return service.to_out(row)
+
+
+@router.post(
+    "/datasets/{dataset_id}/segmentations",
+    response_model=DatasetSegmentationsOut,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def create_dataset_segmentations(
+    dataset_id: int, body: SegmentationCreate, session: SessionDep, principal: Staff
+) -> DatasetSegmentationsOut:
+    """Segment every volume of a dataset that has prompts (one job per volume)."""
+    dataset = DatasetRepository(session).get(dataset_id)
+    volumes = VolumeRepository(session).list_for_dataset(dataset_id)
+    rows, skipped = service.create_for_dataset(session, dataset, volumes, body, principal)
+    _commit_and_enqueue(session, rows)
+    return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
+
+
+@router.get("/segmentations/{segmentation_id}", response_model=SegmentationOut)
+def get_segmentation(segmentation_id: int, session: SessionDep, _: Staff) -> SegmentationOut:
+    """Status, progress (prompted slices done/total), error and, once finished, stats and the mask URL."""
+    return service.to_out(SegmentationRepository(session).get(segmentation_id))
+
+
+@router.get("/volumes/{volume_id}/segmentations", response_model=list[SegmentationOut])
+def list_segmentations(volume_id: int, session: SessionDep, _: Staff) -> list[SegmentationOut]:
+    """Segmentations of a volume, newest first."""
+    VolumeRepository(session).get(volume_id)
+    return [service.to_out(r) for r in SegmentationRepository(session).list_for_volume(volume_id)]
+
+
+@router.post("/segmentations/{segmentation_id}/cancel", response_model=SegmentationOut)
+def cancel_segmentation(segmentation_id: int, session: SessionDep, _: Staff) -> SegmentationOut:
+    """Cancel: a queued job never runs; a running one stops at its next slice."""
+    return service.to_out(service.cancel(session, segmentation_id))
+
+
+def _finished(session: Session, segmentation_id: int) -> Segmentation:
+    row = SegmentationRepository(session).get(segmentation_id)
+    if row.status != JobStatus.finished or row.mask_key is None:
+        raise Conflict(f"segmentation {row.id} is {row.status}: no mask yet")
+    return row
+
+
+@router.get(
+    "/segmentations/{segmentation_id}/mask",
+    response_class=Response,
+    responses={200: {"content": {"application/gzip": {}}, "description": "NIfTI label map on the image grid"}},
+)
+def download_mask(
+    segmentation_id: int,
+    request: Request,
+    session: SessionDep,
+    _: Staff,
+    label: Annotated[str | None, Query(description="one label name → binary 0/1 mask")] = None,
+) -> Response:
+    """The label map (dataset label values) on the uploaded image's grid; ``?label=`` → binary mask."""
+    row = _finished(session, segmentation_id)
+    assert row.mask_key is not None and row.mask_sha256 is not None
+    volume = VolumeRepository(session).get(row.volume_id)
+    etag = f'"{row.mask_sha256}"'
+    name = f"{volume.case_id}_seg{row.id}"
+    value: int | None = None
+    if label is not None:
+        labels = DatasetRepository(session).get(volume.dataset_id).labels
+        if label not in labels:
+            raise Invalid(f"label {label!r} is not a label of this dataset (has: {sorted(labels)})")
+        value = labels[label]
+        etag = f'"{row.mask_sha256[:40]}-{value}"'
+        name = f"{name}_{label}"
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    headers["Content-Disposition"] = f'attachment; filename="{name}.nii.gz"'
+    storage = get_storage()
+    if value is not None:
+        return Response(masks.binary_mask_nifti(storage, row, value), media_type="application/gzip", headers=headers)
+    handle = storage.open(row.mask_key)
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)
+
+
+@router.get(
+    "/segmentations/{segmentation_id}/slices/{k}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "display slice with the mask"}},
+)
+def overlay_slice(
+    segmentation_id: int,
+    k: int,
+    request: Request,
+    session: SessionDep,
+    _: Staff,
+    mode: Annotated[Literal["overlay", "mask"], Query(description="overlay: CT + colours; mask: RGBA only")] = (
+        "overlay"
+    ),
+    labels: Annotated[str | None, Query(description="comma-separated label names to show (default all)")] = None,
+    level: Annotated[float | None, Query(ge=-2000, le=5000)] = None,
+    width: Annotated[float | None, Query(gt=0, le=10000)] = None,
+) -> Response:
+    """Display slice ``k`` (annotators' orientation) with the mask's labels coloured (app/imaging/palette)."""
+    row = _finished(session, segmentation_id)
+    assert row.mask_sha256 is not None
+    volume = VolumeRepository(session).get(row.volume_id)
+    dataset = DatasetRepository(session).get(volume.dataset_id)
+    slices.check_slice(volume, k)
+    shown = masks.parse_label_filter(labels, dataset.labels)
+    lvl = dataset.window_level if level is None else level
+    wid = dataset.window_width if width is None else width
+    values = sorted(shown.values())
+    window = f"-{lvl:g}-{wid:g}" if mode == "overlay" else ""
+    etag = f'"{row.mask_sha256[:16]}-{k}-{mode}-{".".join(map(str, values))}{window}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    storage = get_storage()
+    label_map = masks.canonical_labels(storage, volume, row)
+    ct = slices.canonical_array(storage, volume.canonical_key)
+    png = masks.overlay_png(ct, label_map, k, values, mode=mode, level=lvl, width=wid)
+    return Response(png, media_type="image/png", headers=headers)

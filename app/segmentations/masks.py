@@ -1,0 +1,104 @@
+"""Reading finished masks: binary per-label NIfTI and slice overlays (CT + coloured labels).
+
+A finished mask is immutable (its key is written once, atomically, before the row points at it),
+so its decoded canonical array is cached by content hash.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from app.core.errors import Invalid
+from app.core.storage import Storage
+from app.imaging.coords import Orientation, display_slice
+from app.imaging.nifti import save_label_map
+from app.imaging.palette import label_color
+from app.imaging.render import png_bytes, window_to_uint8
+from app.segmentations.models import Segmentation
+from app.volumes.models import Volume
+
+_CACHE_SIZE = 8
+_cache: OrderedDict[str, npt.NDArray[Any]] = OrderedDict()
+_lock = threading.Lock()
+OVERLAY_ALPHA = 0.45
+
+
+def _load(storage: Storage, key: str) -> tuple[nib.Nifti1Image, npt.NDArray[Any]]:
+    with storage.local_copy(key) as path:
+        img = nib.load(str(path))
+        assert isinstance(img, nib.Nifti1Image)
+        data = np.asarray(img.dataobj)
+    return img, data
+
+
+def binary_mask_nifti(storage: Storage, row: Segmentation, value: int) -> bytes:
+    """``.nii.gz`` bytes of ``mask == value`` (uint8 0/1) with the mask's (= the image's) geometry."""
+    assert row.mask_key is not None
+    img, data = _load(storage, row.mask_key)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mask.nii.gz"
+        save_label_map((data == value).astype(np.uint8), img, path)
+        return path.read_bytes()
+
+
+def canonical_labels(storage: Storage, volume: Volume, row: Segmentation) -> npt.NDArray[Any]:
+    """The finished label map on the canonical grid (cached by the mask's sha256)."""
+    assert row.mask_key is not None and row.mask_sha256 is not None
+    with _lock:
+        if row.mask_sha256 in _cache:
+            _cache.move_to_end(row.mask_sha256)
+            return _cache[row.mask_sha256]
+    _img, data = _load(storage, row.mask_key)
+    canonical = Orientation.from_affine(volume.affine, volume.shape).canonical(data)
+    with _lock:
+        _cache[row.mask_sha256] = canonical
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return canonical
+
+
+def parse_label_filter(raw: str | None, labels: dict[str, int]) -> dict[str, int]:
+    """``"liver,spleen"`` → {name: value}; None/empty → every label."""
+    if raw is None or not raw.strip():
+        return dict(labels)
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise Invalid(f"labels {unknown} are not labels of this dataset (has: {sorted(labels)})")
+    return {n: labels[n] for n in names}
+
+
+def overlay_png(
+    ct_canonical: npt.NDArray[Any],
+    labels_canonical: npt.NDArray[Any],
+    k: int,
+    values: list[int],
+    *,
+    mode: str,
+    level: float,
+    width: float,
+) -> bytes:
+    """Display slice ``k``: ``mode="overlay"`` → RGB CT with labels blended in;
+    ``mode="mask"`` → RGBA, label colours opaque, everything else transparent."""
+    mask = np.asarray(display_slice(labels_canonical, k))
+    if mode == "mask":
+        rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+        for value in values:
+            where = mask == value
+            rgba[where, :3] = label_color(value)
+            rgba[where, 3] = 255
+        return png_bytes(rgba)
+    gray = window_to_uint8(np.asarray(display_slice(ct_canonical, k)), level, width)
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    for value in values:
+        where = mask == value
+        rgb[where] = (1 - OVERLAY_ALPHA) * rgb[where] + OVERLAY_ALPHA * np.asarray(label_color(value), np.float32)
+    return png_bytes(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))

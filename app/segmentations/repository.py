@@ -1,0 +1,62 @@
+"""Queries for segmentation rows and the prompts a segmentation reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import NotFound
+from app.prompts.models import Prompt
+from app.segmentations.models import Segmentation
+from app.volumes.models import Volume
+
+
+class SegmentationRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, segmentation_id: int, *, for_update: bool = False) -> Segmentation:
+        stmt = select(Segmentation).where(Segmentation.id == segmentation_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = self.session.scalar(stmt.execution_options(populate_existing=True))
+        if row is None:
+            raise NotFound(f"segmentation {segmentation_id} not found")
+        return row
+
+    def add(self, row: Segmentation) -> Segmentation:
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+    def list_for_volume(self, volume_id: int) -> Sequence[Segmentation]:
+        return self.session.scalars(
+            select(Segmentation)
+            .where(Segmentation.volume_id == volume_id)
+            .order_by(Segmentation.created_at.desc(), Segmentation.id.desc())
+        ).all()
+
+    def prompts(self, volume_id: int, labels: Sequence[str] | None = None) -> Sequence[Prompt]:
+        """The volume's prompts in a stable order (the engine's input must not depend on row order)."""
+        stmt = select(Prompt).where(Prompt.volume_id == volume_id)
+        if labels is not None:
+            stmt = stmt.where(Prompt.label.in_(list(labels)))
+        return self.session.scalars(stmt.order_by(Prompt.slice_index, Prompt.label, Prompt.annotator, Prompt.id)).all()
+
+    def prompted_labels(self, volume_id: int) -> list[str]:
+        return sorted(
+            self.session.scalars(select(Prompt.label).distinct().where(Prompt.volume_id == volume_id)).all()
+        )
+
+    def volumes_with_prompts(self, dataset_id: int, labels: Sequence[str] | None = None) -> set[int]:
+        stmt = (
+            select(Prompt.volume_id)
+            .distinct()
+            .join(Volume, Volume.id == Prompt.volume_id)
+            .where(Volume.dataset_id == dataset_id)
+        )
+        if labels is not None:
+            stmt = stmt.where(Prompt.label.in_(list(labels)))
+        return set(self.session.scalars(stmt).all())

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+Fusion = Literal["majority", "staple", "union"]
+
+
+class ModelOut(BaseModel):
+    name: str
+    family: str
+    available: bool
+    reason: str | None = Field(description="why the model cannot run here (missing/corrupt checkpoint)")
+    checkpoint: str | None
+
+
+class SegmentationCreate(BaseModel):
+    model: str = Field(default="litemedsam", min_length=1, max_length=50, description="a name from GET /models")
+    fusion: Fusion = Field(default="majority", description="how annotators' masks of one slice and organ merge")
+    labels: list[str] | None = Field(
+        default=None, description="organs to segment (default: every dataset label that has prompts)"
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        if not labels:
+            raise ValueError("labels: give at least one label name, or leave it out for all")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels: names must not repeat")
+        return labels
+
+
+class Progress(BaseModel):
+    done: int = Field(description="prompted slices segmented so far")
+    total: int = Field(description="prompted slices to segment")
+
+
+class SegmentationOut(BaseModel):
+    id: int
+    volume_id: int
+    model: str
+    fusion: Fusion
+    labels: list[str] | None
+    status: Literal["queued", "running", "finished", "failed", "canceled"]
+    progress: Progress
+    error: str | None = None
+    cancel_requested: bool = False
+    attempts: int
+    stats: dict[str, Any] = Field(
+        description="prompted_slices, per_slice, encoded, decoded, timings, labels (when finished)"
+    )
+    mask_url: str | None = Field(description="NIfTI label map on the image grid, once finished")
+    mask_sha256: str | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class DatasetSegmentationsOut(BaseModel):
+    ids: list[int] = Field(description="one segmentation per volume that has prompts")
+    skipped: list[int] = Field(description="volumes of the dataset without prompts for the requested labels")
