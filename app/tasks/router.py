@@ -1,5 +1,28 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from app.core.db import SessionDep
+from app.core.security import Anyone
+from app.core.storage import get_storage
+from app.tasks import service
+from app.tasks.schemas import TaskOut
 
 router = APIRouter(tags=["tasks"])
+
+
+@router.get(
+    "/tasks/next",
+    response_model=TaskOut,
+    responses={204: {"description": "nothing left for this annotator in the dataset"}},
+)
+def next_task(
+    session: SessionDep, who: Anyone, dataset: Annotated[int, Query(description="dataset id")]
+) -> TaskOut | Response:
+    """The slice the caller should label next, leased to them for a short time; 204 when none is left."""
+    task = service.next_task(session, get_storage(), dataset, who)
+    if task is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return task

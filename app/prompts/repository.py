@@ -1,0 +1,193 @@
+"""All SQL of prompts and slice views: bulk idempotent inserts, filtered listing, coverage counts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, distinct, func, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, NotFound
+from app.prompts.models import Prompt, SliceView
+from app.volumes.models import Volume
+
+PROMPTS = Prompt.__table__
+VIEWS = SliceView.__table__
+INSERT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class PromptFilter:
+    slice: int | None = None
+    label: str | None = None
+    annotator: str | None = None
+    kind: str | None = None
+
+
+@dataclass
+class InsertOutcome:
+    ids: list[int]  # one per row, in input order
+    duplicates: list[int]  # ids that existed before this call
+
+
+class PromptRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # --- writes -------------------------------------------------------------------------
+    def insert_many(self, rows: list[dict[str, Any]]) -> InsertOutcome:
+        """Insert prompt rows (each with ``annotator`` and ``client_id``), skipping existing client_ids.
+
+        Rows are inserted sorted by (annotator, client_id) so concurrent requests take unique-index
+        locks in one order (no deadlocks); a retried request gets the ids stored the first time.
+        """
+        if not rows:
+            return InsertOutcome([], [])
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]["annotator"], str(rows[i]["client_id"])))
+        stmt = (
+            pg_insert(PROMPTS)
+            .on_conflict_do_nothing(constraint="uq_prompts_annotator_client_id")
+            .returning(PROMPTS.c.id, PROMPTS.c.annotator, PROMPTS.c.client_id)
+        )
+        new: dict[tuple[str, uuid.UUID], int] = {}
+        for start in range(0, len(order), INSERT_CHUNK):
+            chunk = [rows[i] for i in order[start:start + INSERT_CHUNK]]
+            for row in self.session.execute(stmt, chunk):
+                new[(row.annotator, row.client_id)] = row.id
+        missing = [(r["annotator"], r["client_id"]) for r in rows if (r["annotator"], r["client_id"]) not in new]
+        existing: dict[tuple[str, uuid.UUID], tuple[int, int]] = {}
+        for start in range(0, len(missing), INSERT_CHUNK):
+            keys = missing[start:start + INSERT_CHUNK]
+            found = self.session.execute(
+                select(PROMPTS.c.id, PROMPTS.c.annotator, PROMPTS.c.client_id, PROMPTS.c.volume_id).where(
+                    tuple_(PROMPTS.c.annotator, PROMPTS.c.client_id).in_(keys)
+                )
+            )
+            for row in found:
+                existing[(row.annotator, row.client_id)] = (row.id, row.volume_id)
+        ids: list[int] = []
+        duplicates: list[int] = []
+        for index, r in enumerate(rows):
+            key = (r["annotator"], r["client_id"])
+            if key in new:
+                ids.append(new[key])
+                continue
+            if key not in existing:  # deleted between the insert and the lookup: vanishingly rare
+                raise Conflict(f"item {index}: client_id {r['client_id']} is being changed concurrently; retry")
+            prompt_id, volume_id = existing[key]
+            if volume_id != r["volume_id"]:
+                raise Conflict(
+                    f"item {index}: client_id {r['client_id']} was already used by annotator "
+                    f"{r['annotator']!r} on volume {volume_id}"
+                )
+            ids.append(prompt_id)
+            duplicates.append(prompt_id)
+        return InsertOutcome(ids, duplicates)
+
+    def mark_seen(self, volume_id: int, views: Iterable[tuple[int, str]], source: str) -> None:
+        """Record (slice, annotator) views of a volume; existing views are kept as they are."""
+        rows = [
+            {"volume_id": volume_id, "slice_index": k, "annotator": a, "source": source}
+            for k, a in sorted(set(views), key=lambda v: (v[1], v[0]))
+        ]
+        if not rows:
+            return
+        stmt = pg_insert(VIEWS).on_conflict_do_nothing(constraint="uq_slice_views_volume_slice_annotator")
+        for start in range(0, len(rows), INSERT_CHUNK):
+            self.session.execute(stmt, rows[start:start + INSERT_CHUNK])
+
+    def get(self, prompt_id: int) -> Prompt:
+        row = self.session.get(Prompt, prompt_id)
+        if row is None:
+            raise NotFound(f"prompt {prompt_id} not found")
+        return row
+
+    def delete(self, prompt: Prompt) -> None:
+        self.session.delete(prompt)
+        self.session.flush()
+
+    # --- reads --------------------------------------------------------------------------
+    def _where(self, volume_id: int, f: PromptFilter) -> list[Any]:
+        clauses: list[Any] = [Prompt.volume_id == volume_id]
+        if f.slice is not None:
+            clauses.append(Prompt.slice_index == f.slice)
+        if f.label is not None:
+            clauses.append(Prompt.label == f.label)
+        if f.annotator is not None:
+            clauses.append(Prompt.annotator == f.annotator)
+        if f.kind is not None:
+            clauses.append(Prompt.kind == f.kind)
+        return clauses
+
+    def page(self, volume_id: int, f: PromptFilter, limit: int, offset: int) -> tuple[Sequence[Prompt], int]:
+        where = self._where(volume_id, f)
+        total = int(self.session.scalar(select(func.count()).select_from(Prompt).where(*where)) or 0)
+        items = self.session.scalars(select(Prompt).where(*where).order_by(Prompt.id).limit(limit).offset(offset))
+        return items.all(), total
+
+    def boxes(self, volume_id: int, annotator: str | None = None) -> Sequence[Row[Any]]:
+        """(annotator, slice, label, x0, y0, x1, y1) of a volume's boxes, ordered by slice then id."""
+        stmt = select(
+            Prompt.annotator, Prompt.slice_index, Prompt.label, Prompt.x0, Prompt.y0, Prompt.x1, Prompt.y1
+        ).where(Prompt.volume_id == volume_id, Prompt.kind == "box")
+        if annotator is not None:
+            stmt = stmt.where(Prompt.annotator == annotator)
+        return self.session.execute(stmt.order_by(Prompt.slice_index, Prompt.id)).all()
+
+    def views(self, volume_id: int, annotator: str | None = None) -> Sequence[Row[Any]]:
+        """(annotator, slice) pairs seen on a volume."""
+        stmt = select(SliceView.annotator, SliceView.slice_index).where(SliceView.volume_id == volume_id)
+        if annotator is not None:
+            stmt = stmt.where(SliceView.annotator == annotator)
+        return self.session.execute(stmt.order_by(SliceView.annotator, SliceView.slice_index)).all()
+
+    def prompt_counts(self, volume_id: int) -> Sequence[Row[Any]]:
+        """(slice, label, distinct annotators, prompts) of a volume."""
+        return self.session.execute(
+            select(
+                Prompt.slice_index,
+                Prompt.label,
+                func.count(distinct(Prompt.annotator)).label("annotators"),
+                func.count().label("prompts"),
+            )
+            .where(Prompt.volume_id == volume_id)
+            .group_by(Prompt.slice_index, Prompt.label)
+        ).all()
+
+    def view_counts(self, volume_id: int) -> Sequence[Row[Any]]:
+        """(slice, distinct annotators who saw it) of a volume."""
+        return self.session.execute(
+            select(SliceView.slice_index, func.count(distinct(SliceView.annotator)).label("seen_by"))
+            .where(SliceView.volume_id == volume_id)
+            .group_by(SliceView.slice_index)
+        ).all()
+
+    def dataset_view_counts(self, dataset_id: int) -> dict[tuple[int, int], int]:
+        """(volume, slice) → distinct annotators who saw it, over a dataset."""
+        rows = self.session.execute(
+            select(SliceView.volume_id, SliceView.slice_index, func.count(distinct(SliceView.annotator)))
+            .join(Volume, Volume.id == SliceView.volume_id)
+            .where(Volume.dataset_id == dataset_id)
+            .group_by(SliceView.volume_id, SliceView.slice_index)
+        )
+        return {(v, k): int(n) for v, k, n in rows}
+
+    def dataset_seen_by(self, dataset_id: int, annotator: str) -> set[tuple[int, int]]:
+        """(volume, slice) pairs of a dataset this annotator has seen."""
+        rows = self.session.execute(
+            select(SliceView.volume_id, SliceView.slice_index)
+            .join(Volume, Volume.id == SliceView.volume_id)
+            .where(Volume.dataset_id == dataset_id, SliceView.annotator == annotator)
+        )
+        return {(v, k) for v, k in rows}
+
+    def client_ids(self, volume_id: int, annotators: Sequence[str]) -> set[uuid.UUID]:
+        """Client ids of these annotators' prompts on a volume."""
+        rows = self.session.scalars(
+            select(Prompt.client_id).where(Prompt.volume_id == volume_id, Prompt.annotator.in_(annotators))
+        )
+        return {c for c in rows if c is not None}

@@ -1,0 +1,118 @@
+"""Request and response bodies of the prompts API (see contracts: Prompts API)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Shapes only: ranges, arity and finiteness are checked by the service so that every problem
+# is reported with its item index in one 422 (all-or-nothing).
+
+
+class BoxIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slice: int = Field(description="display slice index k (canonical axial index)")
+    label: str = Field(description="a label name of the dataset")
+    box: list[float] = Field(description="[x0, y0, x1, y1] in display pixels, x1/y1 exclusive")
+    client_id: uuid.UUID | None = Field(default=None, description="idempotency key, unique per annotator")
+
+
+class PointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slice: int
+    label: str
+    point: list[float] = Field(description="[x, y] in display pixels")
+    positive: bool = True
+    client_id: uuid.UUID | None = None
+
+
+class PromptBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    boxes: list[BoxIn] = Field(default_factory=list)
+    points: list[PointIn] = Field(default_factory=list)
+    seen: list[int] = Field(default_factory=list, description="slices seen (also when nothing was drawn)")
+
+
+class PostResult(BaseModel):
+    ids: list[int] = Field(description="ids of the posted prompts, boxes first then points, in request order")
+    duplicates: list[int] = Field(description="ids among `ids` that already existed (same client_id)")
+    seen: list[int] = Field(description="slices recorded as seen by the caller")
+
+
+class PromptOut(BaseModel):
+    id: int
+    volume_id: int
+    slice: int
+    label: str
+    annotator: str
+    kind: Literal["box", "point"]
+    box: list[float] | None
+    point: list[float] | None
+    positive: bool | None
+    source: str
+    client_id: uuid.UUID | None
+    created_at: datetime
+
+
+class PromptPage(BaseModel):
+    items: list[PromptOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class SimulateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    annotators: int = Field(default=3, ge=1, le=50)
+    jitter: float = Field(default=0.05, ge=0.0, le=1.0, description="edge noise sd as a fraction of box size")
+    coverage: float = Field(default=0.8, ge=0.0, le=1.0, description="probability an annotator sees a slice")
+    miss_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="probability an organ is missed on a slice")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    labels: list[str] | None = Field(default=None, description="labels to prompt; default all in the reference")
+    per_component: bool = Field(default=True, description="one box per connected 2D part (else one per organ)")
+    min_component_pixels: int = Field(default=10, ge=1, le=1_000_000)
+
+
+class SimulateResult(BaseModel):
+    annotators: list[str]
+    boxes: int
+    stored: int
+    duplicates: int
+    seen_slices: int
+    per_label: dict[str, int]
+    per_annotator: dict[str, int]
+
+
+class YoloImportResult(BaseModel):
+    files: int
+    empty_files: int
+    boxes: int
+    stored: int
+    duplicates: int
+    seen_slices: int
+    per_class: dict[str, int]
+    volumes: dict[str, int] = Field(description="case_id → boxes imported")
+
+
+class CoverageLabel(BaseModel):
+    annotators: int
+    prompts: int
+
+
+class CoverageSlice(BaseModel):
+    slice: int
+    labels: dict[str, CoverageLabel]
+    seen_by: int
+
+
+class CoverageOut(BaseModel):
+    volume_id: int
+    n_slices: int
+    slices: list[CoverageSlice]
