@@ -4,7 +4,10 @@ Per slice, a sorted set ``crowdsam:lease:{volume}:{slice}`` holds annotator → 
 dataset-wide sorted set ``crowdsam:leases:{dataset}`` indexes ``{volume}:{slice}:{annotator}``
 → expiry, so one read tells how many annotators are busy on every slice. A claim is one Lua
 script (atomic in Redis): it drops expired entries and admits the annotator only while the
-slice has a free slot (``capacity`` = annotators still needed there).
+slice has a free slot (``capacity`` = annotators still needed there) and, optionally, only while
+no more than ``max_busy`` others hold it — the count the caller ranked the slice by. That
+optimistic check makes concurrent callers who ranked the same slice first spread out over
+different slices instead of piling onto one.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ local annotator = ARGV[3]
 local capacity = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local member = ARGV[6]
+local max_busy = tonumber(ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if not redis.call('ZSCORE', KEYS[1], annotator) then
-  if redis.call('ZCARD', KEYS[1]) >= capacity then
+  local busy = redis.call('ZCARD', KEYS[1])
+  if busy >= capacity or (max_busy >= 0 and busy > max_busy) then
     return 0
   end
 end
@@ -71,15 +76,17 @@ def busy(leases: list[Lease], exclude: str) -> Counter[tuple[int, int]]:
     return Counter((lease.volume_id, lease.slice) for lease in leases if lease.annotator != exclude)
 
 
-def claim(dataset_id: int, volume_id: int, k: int, annotator: str, capacity: int, ttl_s: int) -> Lease | None:
-    """Lease slice ``k`` to ``annotator`` if fewer than ``capacity`` others hold it (or renew theirs)."""
+def claim(dataset_id: int, volume_id: int, k: int, annotator: str, capacity: int, ttl_s: int,
+          max_busy: int | None = None) -> Lease | None:
+    """Lease slice ``k`` to ``annotator`` if fewer than ``capacity`` (and at most ``max_busy``) others
+    hold it; an annotator who already holds it has the lease renewed."""
     now = time.time()
     expires = now + ttl_s
     member = f"{volume_id}:{k}:{annotator}"
     script = get_redis().register_script(_CLAIM)
     ok = script(
         keys=[_slice_key(volume_id, k), _index_key(dataset_id)],
-        args=[now, expires, annotator, capacity, ttl_s, member],
+        args=[now, expires, annotator, capacity, ttl_s, member, -1 if max_busy is None else max_busy],
     )
     return Lease(volume_id, k, annotator, expires) if int(ok) == 1 else None
 

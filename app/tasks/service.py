@@ -50,11 +50,14 @@ def next_task(session: Session, storage: Storage, dataset_id: int, who: Principa
             rank = -1 if key in held else seen + others[key]
             candidates.append((rank, volume.id, k, seen))
     candidates.sort()
-    for _rank, volume_id, k, seen in candidates:
-        lease = leases.claim(dataset_id, volume_id, k, who.name, target - seen, settings.task_lease_s)
-        if lease is not None:
-            volume = volumes[volume_id]
-            return _task(volume, dataset.labels, k, lease.expires_at, len(mine))
+    # First pass: only slices no busier than when ranked (concurrent callers spread out);
+    # second pass: any slice with a free slot.
+    for strict in (True, False):
+        for _rank, volume_id, k, seen in candidates:
+            max_busy = others[(volume_id, k)] if strict else None
+            lease = leases.claim(dataset_id, volume_id, k, who.name, target - seen, settings.task_lease_s, max_busy)
+            if lease is not None:
+                return _task(volumes[volume_id], dataset.labels, k, lease.expires_at, len(mine))
     return None
 
 
