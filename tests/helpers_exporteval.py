@@ -10,7 +10,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import CT_DIR, TOTALSEG_MAP, upload
+from tests.conftest import ABDOMEN_LABELS, CT_DIR, TOTALSEG_MAP, upload
 
 CASES = {
     "ct": (CT_DIR / "example_ct.nii.gz", CT_DIR / "example_seg_fast_force_split.nii.gz"),
@@ -81,7 +81,10 @@ def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep
             save_label_map(mask, img, path)
             get_storage().put_file(key, path)
         row.mask_key = key
-        per_slice = {str(k): {} for k in prompted}
+        names = {v: n for n, v in (labels or ABDOMEN_LABELS).items()}
+        per_slice = {str(k): {names[int(v)]: {"annotators": ["sim"], "agreement": {}, "score": 1.0}
+                              for v in np.unique(np.asarray(orientation.canonical(ref))[:, :, k]) if int(v) in names}
+                     for k in prompted}
         row.stats = {"prompted_slices": prompted, "per_slice": per_slice, "encoded": 0, "decoded": 0,
                      "timings": {}, "labels": {}}
         session.commit()

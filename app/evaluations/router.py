@@ -1,5 +1,131 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from app.core.db import SessionDep
+from app.core.errors import Invalid
+from app.core.security import Principal, Staff
+from app.core.storage import get_storage
+from app.datasets.repository import DatasetRepository
+from app.evaluations import service
+from app.evaluations.models import Evaluation
+from app.evaluations.repository import EvaluationRepository
+from app.evaluations.schemas import CompareRequest, EvaluationFromSegmentation, EvaluationOut
 
 router = APIRouter(tags=["evaluations"])
+
+REQUEST_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": EvaluationFromSegmentation.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["predictions"],
+                    "properties": {
+                        "predictions": {"type": "string", "format": "binary",
+                                        "description": "zip or tar.gz of {CASE}.nii.gz (nnU-Net output folder)"},
+                        "label_values": {"type": "string", "default": "dataset",
+                                         "description": "'dataset' or 'export:<id>' (consecutive export values)"},
+                        "nsd_tolerance_mm": {"type": "number", "default": 2.0},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/datasets/{dataset_id}/evaluations",
+    response_model=EvaluationOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra=REQUEST_BODY_DOC,
+)
+async def create_evaluation(dataset_id: int, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:
+    """Queue an evaluation of a model's segmentations (JSON) or of uploaded predictions (multipart)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("predictions")
+        if not isinstance(upload, UploadFile):
+            raise Invalid("predictions: attach the archive as the multipart file field 'predictions'")
+        label_values = str(form.get("label_values") or "dataset")
+        try:
+            tolerance = float(str(form.get("nsd_tolerance_mm") or 2.0))
+        except ValueError as exc:
+            raise Invalid("nsd_tolerance_mm: must be a number") from exc
+        with tempfile.TemporaryDirectory(prefix="crowdsam-upload-") as tmp:
+            archive = Path(tmp) / "predictions.archive"
+            with archive.open("wb") as out:
+                while chunk := await upload.read(1 << 20):
+                    out.write(chunk)
+            row = await run_in_threadpool(
+                _create_upload, session, dataset_id, archive, label_values, tolerance, principal
+            )
+    elif content_type.startswith("application/json"):
+        try:
+            body = EvaluationFromSegmentation.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise Invalid([{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]) from exc
+        row = await run_in_threadpool(_create_segmentation, session, dataset_id, body, principal)
+    else:
+        raise Invalid("send JSON {'source': 'segmentation', ...} or multipart/form-data with 'predictions'")
+    return service.to_out(row)
+
+
+def _commit_and_enqueue(session: SessionDep, row: Evaluation) -> Evaluation:
+    session.commit()
+    service.enqueue(row)
+    return row
+
+
+def _create_segmentation(session: SessionDep, dataset_id: int, body: EvaluationFromSegmentation,
+                         principal: Principal) -> Evaluation:
+    dataset = DatasetRepository(session).get(dataset_id)
+    return _commit_and_enqueue(session, service.create_from_segmentation(session, dataset, body, principal))
+
+
+def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_values: str, tolerance: float,
+                   principal: Principal) -> Evaluation:
+    dataset = DatasetRepository(session).get(dataset_id)
+    row = service.create_from_upload(session, get_storage(), dataset, archive, label_values=label_values,
+                                     nsd_tolerance_mm=tolerance, principal=principal)
+    return _commit_and_enqueue(session, row)
+
+
+@router.post("/evaluations/compare")
+def compare_evaluations(body: CompareRequest, session: SessionDep, _: Staff) -> dict[str, Any]:
+    """Paired Wilcoxon signed-rank test (per label and pooled) with n and rank-biserial effect size."""
+    return service.compare(session, body)
+
+
+@router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut)
+def get_evaluation(evaluation_id: int, session: SessionDep, _: Staff) -> EvaluationOut:
+    """Status and, once finished, every metric per case and label."""
+    return service.to_out(EvaluationRepository(session).get(evaluation_id))
+
+
+@router.get("/evaluations/{evaluation_id}/summary.json")
+def get_summary(evaluation_id: int, session: SessionDep, _: Staff) -> JSONResponse:
+    """nnU-Net-style ``summary.json``: metric_per_case, mean and foreground_mean (label values as keys)."""
+    result = service.finished_result(EvaluationRepository(session).get(evaluation_id))
+    return JSONResponse(result["summary"], headers={
+        "Content-Disposition": f'inline; filename="evaluation{evaluation_id}_summary.json"'})
+
+
+@router.get("/evaluations/{evaluation_id}/report", response_class=HTMLResponse)
+def get_report(evaluation_id: int, session: SessionDep, _: Staff) -> HTMLResponse:
+    """HTML report: tables and box plots (PNG embedded), per slice beside per volume Dice."""
+    row = EvaluationRepository(session).get(evaluation_id)
+    result = service.finished_result(row)
+    return HTMLResponse(get_storage().read_bytes(result["report_key"]).decode("utf-8"))

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_prompted_slices", "slice_dice_mean"]
+METRIC_KEYS: dict[str, str] = {
+    "dice": "Dice", "iou": "IoU", "nsd": "NSD", "hd95": "HD95",
+    "dice_prompted_slices": "Dice_prompted_slices", "slice_dice_mean": "slice_dice_mean",
+}
+
+
+class EvaluationFromSegmentation(BaseModel):
+    """Score the latest finished segmentation of ``model`` of every case that has a reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["segmentation"]
+    model: str = "litemedsam"
+    nsd_tolerance_mm: float = Field(default=2.0, gt=0, le=100, description="NSD tolerance in mm")
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    a: int
+    b: int
+    metric: CompareMetric = "dice"
+
+
+class EvaluationOut(BaseModel):
+    id: int
+    dataset_id: int
+    status: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    error: str | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="per case and label Dice, IoU, TP, FP, FN, TN, n_pred, n_ref, NSD, HD95 (null = NaN), "
+                    "per prompted slice Dice beside per volume Dice, class means and foreground_mean",
+    )

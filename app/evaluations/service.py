@@ -1,0 +1,222 @@
+"""Evaluation requests: resolve and validate predictions before a row is queued; compare two evaluations.
+
+Prediction uploads are checked like volume uploads (NIfTI validation, shape and affine equal to the
+case's image, integer labels from the chosen value set) and stored in the dataset's label values.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rq import Retry
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
+
+from app.core.config import get_settings
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.jobs import JobStatus
+from app.core.redis import get_queue
+from app.core.security import Principal
+from app.core.storage import Storage
+from app.datasets.models import Dataset
+from app.evaluations.archive import unpack
+from app.evaluations.models import Evaluation
+from app.evaluations.repository import EvaluationRepository
+from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
+from app.exports.repository import ExportRepository, latest_finished_segmentation
+from app.imaging.nifti import load_nifti, same_geometry, save_label_map
+from app.volumes.models import Volume
+from app.volumes.repository import VolumeRepository
+from workers.metrics import json_safe, paired_wilcoxon
+from workers.sam import registry
+
+JOB_FUNC = "workers.jobs.evaluate.run_evaluation"
+QUEUE = "cpu"
+
+
+def _volumes_with_reference(session: Session, dataset: Dataset) -> list[Volume]:
+    volumes = [v for v in VolumeRepository(session).list_for_dataset(dataset.id) if v.has_reference]
+    if not volumes:
+        raise Invalid(f"dataset {dataset.id} has no case with a reference label map to evaluate against")
+    return volumes
+
+
+def _new_row(session: Session, dataset: Dataset, params: dict[str, Any], principal: Principal) -> Evaluation:
+    row = EvaluationRepository(session).add(
+        Evaluation(dataset_id=dataset.id, params=params, status=JobStatus.queued,
+                   progress={"done": 0, "total": len(params["cases"])}, attempts=0, created_by=principal.name)
+    )
+    row.rq_job_id = job_id(row.id)
+    session.flush()
+    return row
+
+
+def create_from_segmentation(
+    session: Session, dataset: Dataset, body: EvaluationFromSegmentation, principal: Principal
+) -> Evaluation:
+    if body.model not in registry.MODEL_NAMES:
+        raise Invalid(f"unknown model {body.model!r} (known: {', '.join(registry.MODEL_NAMES)})")
+    cases, missing = [], []
+    for volume in _volumes_with_reference(session, dataset):
+        seg = latest_finished_segmentation(session, volume.id, body.model)
+        if seg is None:
+            missing.append(volume.case_id)
+        else:
+            cases.append({"case_id": volume.case_id, "volume_id": volume.id, "segmentation_id": seg.id,
+                          "prediction_key": seg.mask_key})
+    if not cases:
+        raise Invalid(f"no case with a reference has a finished {body.model!r} segmentation: segment first")
+    params = {**body.model_dump(), "label_values": "dataset", "cases": cases, "missing_cases": missing}
+    return _new_row(session, dataset, params, principal)
+
+
+def _allowed_values(session: Session, dataset: Dataset, label_values: str) -> dict[int, int]:
+    """Value in the uploaded files → dataset value (0 → 0)."""
+    if label_values == "dataset":
+        return {0: 0, **{int(v): int(v) for v in dataset.labels.values()}}
+    match = re.fullmatch(r"export:(\d+)", label_values)
+    if match is None:
+        raise Invalid(f"label_values {label_values!r}: use 'dataset' or 'export:<export id>'")
+    try:
+        export = ExportRepository(session).get(int(match.group(1)))
+    except NotFound as exc:
+        raise Invalid(f"label_values: export {match.group(1)} does not exist") from exc
+    if export.dataset_id != dataset.id:
+        raise Invalid(f"label_values: export {export.id} belongs to another dataset")
+    if export.status != JobStatus.finished or not export.result:
+        raise Invalid(f"label_values: export {export.id} is {export.status}, not finished")
+    meta = export.result["dataset_json"]
+    original = meta["label_values_original"]
+    return {0: 0, **{int(v): int(original[name]) for name, v in meta["labels"].items() if name in original}}
+
+
+def create_from_upload(
+    session: Session,
+    storage: Storage,
+    dataset: Dataset,
+    archive: Path,
+    *,
+    label_values: str,
+    nsd_tolerance_mm: float,
+    principal: Principal,
+) -> Evaluation:
+    settings = get_settings()
+    if not 0 < nsd_tolerance_mm <= 100:
+        raise Invalid(f"nsd_tolerance_mm {nsd_tolerance_mm} must be in (0, 100]")
+    value_map = _allowed_values(session, dataset, label_values)
+    by_case = {v.case_id: v for v in VolumeRepository(session).list_for_dataset(dataset.id)}
+    with tempfile.TemporaryDirectory(prefix="crowdsam-pred-") as tmp:
+        unpacked = unpack(archive, Path(tmp), max_bytes=settings.max_upload_bytes)
+        unknown = sorted(c for c in unpacked.files if c not in by_case)
+        if unknown:
+            raise Invalid(f"predictions: files for cases not in dataset {dataset.id}: {unknown[:20]}")
+        no_ref = sorted(c for c in unpacked.files if not by_case[c].has_reference)
+        if no_ref:
+            raise Invalid(f"predictions: cases without a reference cannot be evaluated: {no_ref[:20]}")
+        converted = {case: _validated_prediction(path, by_case[case], value_map, Path(tmp))
+                     for case, path in sorted(unpacked.files.items())}
+        missing = sorted(v.case_id for v in by_case.values() if v.has_reference and v.case_id not in converted)
+        cases = [{"case_id": case, "volume_id": by_case[case].id, "prediction_file": unpacked.files[case].name}
+                 for case in converted]
+        params = {"source": "upload", "label_values": label_values, "nsd_tolerance_mm": nsd_tolerance_mm,
+                  "cases": cases, "missing_cases": missing, "skipped_files": unpacked.skipped[:100]}
+        row = _new_row(session, dataset, params, principal)
+        try:
+            for case in cases:
+                case["prediction_key"] = f"evaluations/{row.id}/predictions/{case['case_id']}.nii.gz"
+                storage.put_file(case["prediction_key"], converted[case["case_id"]])
+        except BaseException:
+            storage.delete_prefix(f"evaluations/{row.id}")
+            raise
+        row.params = {**params, "cases": [dict(c) for c in cases]}
+        flag_modified(row, "params")  # the case dicts were filled in place
+        session.flush()
+    return row
+
+
+def _validated_prediction(path: Path, volume: Volume, value_map: dict[int, int], tmp: Path) -> Path:
+    settings = get_settings()
+    what = f"prediction {volume.case_id}"
+    loaded = load_nifti(path, what, max_voxels=settings.max_voxels, max_dim=settings.max_dim)
+    if list(loaded.data.shape) != list(volume.shape):
+        raise Invalid(f"{what}: shape {list(loaded.data.shape)} differs from the image's {volume.shape}")
+    if not same_geometry(loaded.affine, volume.affine):
+        raise Invalid(f"{what}: affine differs from the image's (predictions must share its geometry)")
+    data = loaded.data
+    if data.dtype.kind == "f" and not np.all(data == np.round(data)):
+        raise Invalid(f"{what}: label map has non-integer values")
+    values = np.unique(data).astype(np.int64)
+    bad = [int(v) for v in values if int(v) not in value_map]
+    if bad:
+        raise Invalid(f"{what}: values {bad[:20]} are not labels (allowed: {sorted(value_map)})")
+    table = np.zeros(int(values.max(initial=0)) + 1, dtype=np.int32)
+    for source, target in value_map.items():
+        if source < table.size:
+            table[source] = target
+    out = tmp / f"{volume.case_id}.dataset.nii.gz"
+    save_label_map(table[data.astype(np.int64)], loaded.image, out)
+    return out
+
+
+def job_id(evaluation_id: int) -> str:
+    return f"evaluation-{evaluation_id}"
+
+
+def enqueue(row: Evaluation) -> None:
+    get_queue(QUEUE).enqueue(
+        JOB_FUNC,
+        row.id,
+        job_id=job_id(row.id),
+        job_timeout=get_settings().job_timeout_s,
+        retry=Retry(max=2, interval=[5, 30]),
+        result_ttl=24 * 3600,
+        failure_ttl=7 * 24 * 3600,
+        description=f"evaluation {row.id} of dataset {row.dataset_id}",
+    )
+
+
+def finished_result(row: Evaluation) -> dict[str, Any]:
+    if row.status != JobStatus.finished or row.result is None:
+        raise Conflict(f"evaluation {row.id} is {row.status}: results exist once it has finished")
+    return row.result
+
+
+def compare(session: Session, body: CompareRequest) -> dict[str, Any]:
+    """Paired Wilcoxon signed-rank test of ``metric`` per label and pooled, on the cases both evaluated."""
+    repo = EvaluationRepository(session)
+    a, b = repo.get(body.a), repo.get(body.b)
+    if a.dataset_id != b.dataset_id:
+        raise Invalid(f"evaluations {a.id} and {b.id} belong to different datasets")
+    ra, rb = finished_result(a), finished_result(b)
+    key = METRIC_KEYS[body.metric]
+    cases_a = {c["case_id"]: c for c in ra["cases"]}
+    cases_b = {c["case_id"]: c for c in rb["cases"]}
+    common = sorted(set(cases_a) & set(cases_b))
+    if not common:
+        raise Invalid(f"evaluations {a.id} and {b.id} have no case in common")
+    labels = [name for name in ra["labels"] if name in rb["labels"]]
+    per_label, pooled_x, pooled_y = {}, [], []
+    for name in labels:
+        x = [cases_a[c]["metrics"][name].get(key) for c in common]
+        y = [cases_b[c]["metrics"][name].get(key) for c in common]
+        per_label[name] = paired_wilcoxon(x, y)
+        pooled_x += x
+        pooled_y += y
+    return json_safe({
+        "a": a.id, "b": b.id, "metric": body.metric, "cases": common,
+        "per_label": per_label, "pooled": paired_wilcoxon(pooled_x, pooled_y),
+        "test": "scipy.stats.wilcoxon, paired, two-sided, zero_method='wilcox'; pairs with a NaN side dropped",
+        "effect_size": "matched-pairs rank-biserial correlation of a − b (+1: every pair favours a)",
+    })
+
+
+def to_out(row: Evaluation) -> EvaluationOut:
+    return EvaluationOut(
+        id=row.id, dataset_id=row.dataset_id, status=row.status, params=row.params, progress=row.progress or {},
+        error=row.error, created_by=row.created_by, created_at=row.created_at, started_at=row.started_at,
+        finished_at=row.finished_at, result=row.result,
+    )

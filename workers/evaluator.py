@@ -1,0 +1,146 @@
+"""Evaluation runner: score each case's prediction against its reference, write summary.json and the report.
+
+Predictions are label maps in the dataset's values on the case's original grid (segmentation masks as
+written by the segmentation job, or uploads converted at request time). For segmentations the prompted
+slices come from ``stats["prompted_slices"]`` (canonical k) and, per label, from ``stats["per_slice"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from app.core.db import session_scope
+from app.core.storage import Storage, get_storage
+from app.datasets.models import Dataset
+from app.evaluations.models import Evaluation
+from app.imaging.coords import Orientation
+from app.segmentations.models import Segmentation
+from app.volumes.models import Volume
+from workers import jobrun
+from workers.metrics import SURFACE_LIBRARY, evaluate_case, json_safe, nnunet_summary, summarize
+from workers.report import render_report
+
+
+def label_slices_from_stats(stats: dict[str, Any], labels: dict[str, int]) -> dict[str, list[int]] | None:
+    """Per label, the canonical slices where it was prompted (None when per-slice detail is absent)."""
+    per_slice = stats.get("per_slice") or {}
+    out: dict[str, list[int]] = {name: [] for name in labels}
+    found = False
+    for k, entry in per_slice.items():
+        for name in entry or {}:
+            if name in out:
+                out[name].append(int(k))
+                found = True
+    return {name: sorted(ks) for name, ks in out.items()} if found else None
+
+
+def _load_labels(storage: Storage, key: str) -> npt.NDArray[np.int32]:
+    with storage.local_copy(key) as path:
+        return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)
+
+
+class EvaluationRunner:
+    def __init__(self, evaluation_id: int, storage: Storage | None = None) -> None:
+        self.evaluation_id = evaluation_id
+        self.storage = storage or get_storage()
+
+    def run(self) -> dict[str, Any]:
+        if not jobrun.start(Evaluation, self.evaluation_id):
+            return {"skipped": True}
+        try:
+            return self._run()
+        except BaseException as exc:
+            jobrun.fail(Evaluation, self.evaluation_id, exc)
+            raise
+
+    def _run(self) -> dict[str, Any]:
+        with session_scope() as session:
+            row = session.get(Evaluation, self.evaluation_id)
+            assert row is not None
+            dataset = session.get(Dataset, row.dataset_id)
+            assert dataset is not None
+            params = dict(row.params)
+            labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+            title = f"Evaluation {row.id} — dataset {dataset.name!r}"
+            plans = [self._plan(session, case) for case in params["cases"]]
+        tolerance = float(params.get("nsd_tolerance_mm", 2.0))
+        cases = []
+        for i, plan in enumerate(plans):
+            cases.append(self._case(plan, labels, tolerance))
+            jobrun.progress(Evaluation, self.evaluation_id, i + 1, len(plans))
+        summary = summarize(cases, labels)
+        side_by_side = {
+            name: {k: summary["mean"][name].get(k) for k in ("Dice", "Dice_prompted_slices", "slice_dice_mean")
+                   if k in summary["mean"][name]}
+            for name in labels
+        }
+        result = json_safe({
+            "labels": labels,
+            "source": params.get("source"),
+            "model": params.get("model"),
+            "nsd_tolerance_mm": tolerance,
+            "surface_library": SURFACE_LIBRARY,
+            "cases": cases,
+            "mean": summary["mean"],
+            "foreground_mean": summary["foreground_mean"],
+            "side_by_side": side_by_side,
+            "missing_cases": params.get("missing_cases", []),
+            "summary": nnunet_summary(cases, labels),
+        })
+        prefix = f"evaluations/{self.evaluation_id}"
+        with tempfile.TemporaryDirectory(prefix="crowdsam-eval-") as tmp:
+            summary_path = Path(tmp) / "summary.json"
+            summary_path.write_text(json.dumps(result["summary"], indent=2, sort_keys=True))
+            self.storage.put_file(f"{prefix}/summary.json", summary_path)
+            report_path = Path(tmp) / "report.html"
+            report_path.write_text(render_report(result, title=title), encoding="utf-8")
+            self.storage.put_file(f"{prefix}/report.html", report_path)
+        result["summary_key"] = f"{prefix}/summary.json"
+        result["report_key"] = f"{prefix}/report.html"
+        jobrun.finish(Evaluation, self.evaluation_id, result=result)
+        return {"evaluation_id": self.evaluation_id, "cases": len(cases)}
+
+    def _plan(self, session: Any, case: dict[str, Any]) -> dict[str, Any]:
+        volume = session.get(Volume, case["volume_id"])
+        if volume is None or volume.reference_key is None:
+            raise LookupError(f"case {case['case_id']}: volume or reference is gone")
+        plan = {**case, "reference_key": volume.reference_key, "spacing": list(volume.spacing),
+                "affine": volume.affine, "shape": list(volume.shape), "split": volume.split, "stats": None}
+        if case.get("segmentation_id") is not None:
+            seg = session.get(Segmentation, case["segmentation_id"])
+            if seg is None:
+                raise LookupError(f"case {case['case_id']}: segmentation {case['segmentation_id']} is gone")
+            plan["stats"] = dict(seg.stats or {})
+        return plan
+
+    def _case(self, plan: dict[str, Any], labels: dict[str, int], tolerance: float) -> dict[str, Any]:
+        ref = _load_labels(self.storage, plan["reference_key"])
+        pred = _load_labels(self.storage, plan["prediction_key"])
+        stats = plan["stats"]
+        prompted = None
+        label_slices = None
+        if stats is not None and stats.get("prompted_slices") is not None:
+            prompted = sorted(int(k) for k in stats["prompted_slices"])
+            label_slices = label_slices_from_stats(stats, labels)
+        out = evaluate_case(
+            ref, pred, labels, spacing=plan["spacing"], tolerance_mm=tolerance,
+            orientation=Orientation.from_affine(plan["affine"], plan["shape"]),
+            prompted_slices=prompted, label_slices=label_slices,
+        )
+        return {
+            "case_id": plan["case_id"],
+            "volume_id": plan["volume_id"],
+            "split": plan["split"],
+            "segmentation_id": plan.get("segmentation_id"),
+            "reference_file": f"{plan['case_id']}.nii.gz",
+            "prediction_file": plan.get("prediction_file", f"{plan['case_id']}.nii.gz"),
+            "prompted_slices": prompted,
+            **out,
+        }

@@ -1,0 +1,256 @@
+"""Segmentation metrics and paired statistics, with nnU-Net v2's conventions.
+
+Overlap metrics follow ``nnunetv2.evaluation.evaluate_predictions.compute_metrics``: per label TP, FP,
+FN, TN, n_pred = TP + FP, n_ref = TP + FN, Dice = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN),
+both NaN when TP + FP + FN == 0; class means use ``nanmean`` over cases and ``foreground_mean`` is the
+plain mean of the class means (as nnU-Net computes it).
+
+Surface metrics use MONAI (``monai.metrics.compute_surface_dice`` for NSD at a tolerance in mm and
+``compute_hausdorff_distance(percentile=95)`` for HD95), with the voxel spacing of the original grid.
+Both are NaN when reference and prediction are empty; HD95 is NaN (undefined) when only one is empty,
+NSD is then 0. MONAI (and so torch) is imported lazily: the API imports this module for statistics.
+
+Statistics: paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) and the matched-pairs
+rank-biserial correlation as effect size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+OVERLAP_KEYS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
+SURFACE_LIBRARY = "MONAI compute_surface_dice (NSD) and compute_hausdorff_distance(percentile=95) (HD95)"
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+def overlap(ref: BoolArray, pred: BoolArray, use: BoolArray | None = None) -> dict[str, float]:
+    """nnU-Net's ``compute_tp_fp_fn_tn`` + Dice/IoU for one label; ``use`` restricts the voxels counted."""
+    if use is None:
+        tp = int(np.count_nonzero(ref & pred))
+        fp = int(np.count_nonzero(~ref & pred))
+        fn = int(np.count_nonzero(ref & ~pred))
+        tn = int(ref.size - tp - fp - fn)
+    else:
+        tp = int(np.count_nonzero(ref & pred & use))
+        fp = int(np.count_nonzero(~ref & pred & use))
+        fn = int(np.count_nonzero(ref & ~pred & use))
+        tn = int(np.count_nonzero(use)) - tp - fp - fn
+    if tp + fp + fn == 0:
+        dice = iou = math.nan
+    else:
+        dice = 2 * tp / (2 * tp + fp + fn)
+        iou = tp / (tp + fp + fn)
+    return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
+
+
+def dice(ref: BoolArray, pred: BoolArray) -> float:
+    tp = np.count_nonzero(ref & pred)
+    denom = np.count_nonzero(ref) + np.count_nonzero(pred)
+    return math.nan if denom == 0 else float(2 * tp / denom)
+
+
+def surface(ref: BoolArray, pred: BoolArray, spacing: Sequence[float], tolerance_mm: float) -> dict[str, float]:
+    """NSD at ``tolerance_mm`` and HD95 in mm (MONAI), on the bounding box of both masks plus a margin."""
+    has_ref, has_pred = bool(ref.any()), bool(pred.any())
+    if not has_ref and not has_pred:
+        return {"NSD": math.nan, "HD95": math.nan}
+    if not has_ref or not has_pred:
+        return {"NSD": 0.0, "HD95": math.nan}
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    ref_c, pred_c = _crop_pair(ref, pred, margin=2)
+    y = torch.from_numpy(ref_c[None, None].astype(np.float32))
+    y_pred = torch.from_numpy(pred_c[None, None].astype(np.float32))
+    sp = [float(s) for s in spacing]
+    with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        nsd = compute_surface_dice(y_pred, y, [float(tolerance_mm)], include_background=True, spacing=sp)
+        hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=sp)
+    return {"NSD": float(nsd.item()), "HD95": float(hd.item())}
+
+
+def _crop_pair(a: BoolArray, b: BoolArray, margin: int) -> tuple[BoolArray, BoolArray]:
+    """Crop both masks to the union's bounding box + ``margin`` voxels (zero-padded at the borders), so
+    surfaces and distances are unchanged but the distance transforms run on a small array."""
+    union = a | b
+    lo, hi = [], []
+    for axis in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        lo.append(int(idx[0]))
+        hi.append(int(idx[-1]) + 1)
+    sl = tuple(slice(s, e) for s, e in zip(lo, hi, strict=True))
+    pad = [(margin, margin)] * union.ndim
+    return np.pad(a[sl], pad), np.pad(b[sl], pad)
+
+
+def slice_dice(ref: BoolArray, pred: BoolArray, axis: int, indices: Iterable[int]) -> dict[int, float]:
+    """2D Dice on the slices ``indices`` along ``axis`` (NaN when both are empty on a slice)."""
+    out = {}
+    for i in indices:
+        out[int(i)] = dice(np.take(ref, int(i), axis=axis), np.take(pred, int(i), axis=axis))
+    return out
+
+
+def slice_axis_and_index(orientation: Any) -> tuple[int, Any]:
+    """(original axis that is canonical S, function canonical k → original index) for an Orientation."""
+    for axis, (target, flip) in enumerate(orientation.to_canonical):
+        if int(target) == 2:
+            n = orientation.original_shape[axis]
+            return axis, (lambda k, n=n, flip=flip: int(k) if flip > 0 else n - 1 - int(k))
+    raise ValueError("no original axis maps to the canonical S axis")
+
+
+def evaluate_case(
+    ref: npt.NDArray[np.integer[Any]],
+    pred: npt.NDArray[np.integer[Any]],
+    labels: Mapping[str, int],
+    *,
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
+    orientation: Any = None,
+    prompted_slices: Sequence[int] | None = None,
+    label_slices: Mapping[str, Sequence[int]] | None = None,
+    surface_metrics: bool = True,
+) -> dict[str, Any]:
+    """All metrics of one case; ``ref`` and ``pred`` are label maps in the dataset's values, original grid.
+
+    With ``prompted_slices`` (canonical k, needs ``orientation``) it adds, per label:
+    ``Dice_prompted_slices`` — Dice of the volume restricted to the prompted slices (what an nnU-Net
+    ``ignore`` export scores), and ``slice_dice`` on the slices where that label was prompted
+    (``label_slices``; all prompted slices when absent) with their mean ``slice_dice_mean``.
+    """
+    if ref.shape != pred.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from the reference's {ref.shape}")
+    metrics: dict[str, dict[str, Any]] = {}
+    slice_values: dict[str, dict[int, float]] = {}
+    known: BoolArray | None = None
+    axis = 0
+    to_index: Any = None
+    if prompted_slices is not None:
+        axis, to_index = slice_axis_and_index(orientation)
+        known = np.zeros(ref.shape, dtype=bool)
+        idx = [to_index(k) for k in prompted_slices]
+        sel: list[Any] = [slice(None)] * ref.ndim
+        sel[axis] = idx
+        known[tuple(sel)] = True
+    for name, value in labels.items():
+        r = ref == value
+        p = pred == value
+        row: dict[str, Any] = overlap(r, p)
+        if surface_metrics:
+            row.update(surface(r, p, spacing, tolerance_mm))
+        if known is not None and prompted_slices is not None:
+            row["Dice_prompted_slices"] = overlap(r, p, known)["Dice"]
+            ks = list(label_slices[name]) if label_slices is not None and name in label_slices else list(
+                prompted_slices)
+            per_k = {int(k): d for k, d in zip(ks, slice_dice(r, p, axis, [to_index(k) for k in ks]).values(),
+                                                strict=True)}
+            slice_values[name] = per_k
+            row["slice_dice_mean"] = nanmean(per_k.values())
+            row["n_prompted_slices"] = len(ks)
+        metrics[name] = row
+    out: dict[str, Any] = {"metrics": metrics}
+    if slice_values:
+        out["slice_dice"] = slice_values
+    return out
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    arr = np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+    if arr.size == 0 or np.all(np.isnan(arr)):
+        return math.nan
+    return float(np.nanmean(arr))
+
+
+def summarize(cases: Sequence[Mapping[str, Any]], labels: Mapping[str, int]) -> dict[str, Any]:
+    """Class means (nanmean over cases) and foreground mean (mean of class means) for every metric key."""
+    keys: list[str] = []
+    for case in cases:
+        for row in case["metrics"].values():
+            keys.extend(k for k in row if k not in keys)
+    mean = {name: {k: nanmean(c["metrics"][name].get(k) for c in cases) for k in keys} for name in labels}
+    foreground = {k: float(np.mean([mean[name][k] for name in labels])) if labels else math.nan for k in keys}
+    return {"mean": mean, "foreground_mean": foreground}
+
+
+def nnunet_summary(
+    cases: Sequence[Mapping[str, Any]], labels: Mapping[str, int]
+) -> dict[str, Any]:
+    """``summary.json`` as nnU-Net writes it: keys are label values as strings, overlap metrics only."""
+    per_case = []
+    for case in cases:
+        per_case.append({
+            "reference_file": case.get("reference_file", f"{case['case_id']}.nii.gz"),
+            "prediction_file": case.get("prediction_file", f"{case['case_id']}.nii.gz"),
+            "metrics": {str(v): {k: case["metrics"][name][k] for k in OVERLAP_KEYS} for name, v in labels.items()},
+        })
+    mean = {str(v): {k: nanmean(c["metrics"][str(v)][k] for c in per_case) for k in OVERLAP_KEYS}
+            for v in labels.values()}
+    foreground = {k: float(np.mean([mean[str(v)][k] for v in labels.values()])) for k in OVERLAP_KEYS}
+    return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf → None, numpy scalars → Python, int keys → str: strict JSON (and JSONB) friendly."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+# --- statistics ---------------------------------------------------------------------------------
+def rank_biserial(x: Sequence[float], y: Sequence[float]) -> float:
+    """Matched-pairs rank-biserial correlation (W+ − W−) / (W+ + W−) over non-zero differences of x − y;
+    +1 when every pair favours x, −1 when every pair favours y."""
+    from scipy.stats import rankdata
+
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    d = d[d != 0]
+    if d.size == 0:
+        return 0.0
+    ranks = rankdata(np.abs(d))
+    w_plus = float(ranks[d > 0].sum())
+    w_minus = float(ranks[d < 0].sum())
+    return (w_plus - w_minus) / (w_plus + w_minus)
+
+
+def paired_wilcoxon(x: Sequence[float | None], y: Sequence[float | None]) -> dict[str, Any]:
+    """Wilcoxon signed-rank test of paired samples (pairs with a missing/NaN side are dropped)."""
+    from scipy.stats import wilcoxon
+
+    pairs = [(float(a), float(b)) for a, b in zip(x, y, strict=True)
+             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    n = len(pairs)
+    out: dict[str, Any] = {"n": n, "statistic": None, "p_value": None, "effect_size_rank_biserial": None,
+                           "mean_a": None, "mean_b": None, "median_a": None, "median_b": None,
+                           "median_difference": None}
+    if n == 0:
+        return out
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    out.update(mean_a=float(a.mean()), mean_b=float(b.mean()), median_a=float(np.median(a)),
+               median_b=float(np.median(b)), median_difference=float(np.median(a - b)),
+               effect_size_rank_biserial=rank_biserial(a, b))
+    if np.any(a != b):
+        result = wilcoxon(a, b, zero_method="wilcox", alternative="two-sided")
+        out["statistic"] = float(result.statistic)
+        out["p_value"] = float(result.pvalue)
+    else:
+        out["p_value"] = 1.0
+        out["statistic"] = 0.0
+    return out
