@@ -64,6 +64,12 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/datasets/{dataset_id}/exports"): STAFF,
     ("GET", "/api/v1/exports/{export_id}"): STAFF,
     ("GET", "/api/v1/exports/{export_id}/archive"): STAFF,
+    # evaluations
+    ("POST", "/api/v1/datasets/{dataset_id}/evaluations"): STAFF,
+    ("GET", "/api/v1/evaluations/{evaluation_id}"): STAFF,
+    ("GET", "/api/v1/evaluations/{evaluation_id}/summary.json"): STAFF,
+    ("GET", "/api/v1/evaluations/{evaluation_id}/report"): STAFF,
+    ("POST", "/api/v1/evaluations/compare"): STAFF,
 }
 
 # Routes outside /api/v1 that must answer without a token.
