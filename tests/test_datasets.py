@@ -83,3 +83,52 @@ def test_list_and_get(client, tokens, dataset):
 
 def test_annotator_cannot_create(client, tokens):
     assert create(client, tokens, {"name": "x", "labels": {"liver": 1}}, role="annotator").status_code == 403
+
+
+def _race(create) -> BaseException | None:  # type: ignore[no-untyped-def]
+    """Run ``create(session)`` in two sessions whose inserts collide; return the loser's error."""
+    import threading
+    import time
+
+    from app.core.db import session_scope
+
+    first, second = session_scope(), session_scope()
+    outcome: dict[str, BaseException | None] = {}
+
+    def run_second() -> None:
+        try:
+            create(second)
+            outcome["error"] = None
+        except BaseException as exc:
+            outcome["error"] = exc
+            second.rollback()
+
+    try:
+        create(first)  # flushed, not committed
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        time.sleep(0.5)  # the second insert now waits on the unique index
+        first.commit()
+        thread.join(30)
+        return outcome["error"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_concurrent_duplicate_dataset_name_is_conflict_not_500():
+    from app.core.errors import Conflict
+    from app.datasets.schemas import DatasetCreate
+    from app.datasets.service import create_dataset
+
+    error = _race(lambda s: create_dataset(s, DatasetCreate(name="race", labels={"liver": 1})))
+    assert isinstance(error, Conflict) and "race" in error.detail
+
+
+def test_concurrent_duplicate_token_name_is_conflict_not_500():
+    from app.auth.models import Role
+    from app.auth.service import create_token
+    from app.core.errors import Conflict
+
+    error = _race(lambda s: create_token(s, "race", Role.annotator))
+    assert isinstance(error, Conflict) and "race" in error.detail

@@ -191,6 +191,9 @@ CASES: dict[str, Case] = {
     "reference-map-not-object": Case(
         _ct_bytes, 422, ("reference_map", "json object"), reference=_seg_bytes, form={"reference_map": "[1, 2]"}
     ),
+    "reference-map-without-reference": Case(
+        _ct_bytes, 422, ("without a reference",), form={"reference_map": json.dumps(TOTALSEG_MAP)}
+    ),
     "reference-other-bad-value": Case(
         _ct_bytes, 422, ("reference_other",), reference=_seg_bytes,
         form={"reference_map": json.dumps(TOTALSEG_MAP), "reference_other": "drop"},
@@ -426,3 +429,48 @@ def test_voxel_limit_is_configurable(monkeypatch, tokens, dataset):
         get_settings.cache_clear()
     assert_refused(response, 422, "369660 voxels exceed the limit of 100000")
     assert volume_rows() == 0 and stored_files() == []
+
+
+def test_concurrent_duplicate_case_id_is_conflict_and_stores_nothing(dataset):
+    """Two uploads of one case_id race past the existence check: the loser gets 409, not a 500."""
+    import threading
+    import time
+
+    from app.core.db import session_scope
+    from app.core.errors import Conflict
+    from app.core.storage import get_storage
+    from app.datasets.models import Dataset
+    from app.volumes import service
+
+    def upload_in(session) -> object:  # type: ignore[no-untyped-def]
+        return service.upload_volume(
+            session, get_storage(), session.get(Dataset, dataset["id"]),
+            image=service.UploadedFile(CT, "ct.nii.gz"), case_id="race", split="train",
+            reference=None, reference_options=service.ReferenceOptions(),
+        )
+
+    first, second = session_scope(), session_scope()
+    outcome: dict[str, BaseException | None] = {}
+
+    def run_second() -> None:
+        try:
+            upload_in(second)
+            outcome["error"] = None
+        except BaseException as exc:
+            outcome["error"] = exc
+            second.rollback()
+
+    try:
+        winner = upload_in(first)  # flushed, not committed: invisible to the second session
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        time.sleep(0.5)  # the second insert now waits on the unique index
+        first.commit()
+        thread.join(30)
+        assert isinstance(outcome["error"], Conflict), outcome
+        assert "race" in outcome["error"].detail
+        assert volume_rows() == 1
+        assert all(f.startswith(f"volumes/{winner.id}/") for f in stored_files())  # type: ignore[attr-defined]
+    finally:
+        first.close()
+        second.close()

@@ -179,6 +179,9 @@ def test_etag_and_304(client, tokens, sm_volume):
     assert cached.headers["etag"] == etag
     stale = client.get(url, headers={**tokens.headers("annotator"), "If-None-Match": '"something-else"'})
     assert stale.status_code == 200 and stale.content == first.content
+    for header in (f'"x", {etag}', f"W/{etag}", "*"):
+        listed = client.get(url, headers={**tokens.headers("annotator"), "If-None-Match": header})
+        assert listed.status_code == 304, header
     other_slice = client.get(url.replace("15.png", "16.png"), headers=tokens.headers("annotator"))
     assert other_slice.headers["etag"] != etag
     # The ETag never bypasses auth.

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth.models import ApiToken, Role
@@ -16,7 +17,11 @@ def create_token(session: Session, name: str, role: Role) -> tuple[ApiToken, str
     if repo.by_name(name) is not None:
         raise Conflict(f"a token named {name!r} already exists")
     secret = new_token()
-    row = repo.add(ApiToken(name=name, role=role, token_hash=hash_token(secret), prefix=secret[:10]))
+    try:
+        with session.begin_nested():  # a concurrent request may take the name between check and insert
+            row = repo.add(ApiToken(name=name, role=role, token_hash=hash_token(secret), prefix=secret[:10]))
+    except IntegrityError as exc:
+        raise Conflict(f"a token named {name!r} already exists") from exc
     return row, secret
 
 

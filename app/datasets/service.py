@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict
@@ -12,12 +13,15 @@ def create_dataset(session: Session, body: DatasetCreate) -> Dataset:
     repo = DatasetRepository(session)
     if repo.by_name(body.name) is not None:
         raise Conflict(f"a dataset named {body.name!r} already exists")
-    return repo.add(
-        Dataset(
-            name=body.name,
-            labels=body.labels,
-            prompt_classes=body.prompt_classes,
-            window_level=body.window.level,
-            window_width=body.window.width,
-        )
+    dataset = Dataset(
+        name=body.name,
+        labels=body.labels,
+        prompt_classes=body.prompt_classes,
+        window_level=body.window.level,
+        window_width=body.window.width,
     )
+    try:
+        with session.begin_nested():  # a concurrent request may take the name between check and insert
+            return repo.add(dataset)
+    except IntegrityError as exc:
+        raise Conflict(f"a dataset named {body.name!r} already exists") from exc

@@ -64,6 +64,8 @@ def upload_volume(
     dataset = DatasetRepository(session).get(dataset_id)
     if reference_other not in (None, "", "background"):
         raise Invalid("reference_other: the only accepted value is 'background'")
+    if reference is None and (reference_map or reference_other):
+        raise Invalid("reference_map/reference_other: given without a reference file")
     options = service.ReferenceOptions(
         mapping=service.parse_reference_map(reference_map, dataset),
         other_to_background=reference_other == "background",
@@ -134,10 +136,18 @@ def slice_png(
     slices.check_slice(volume, k)
     etag = f'"{volume.sha256[:16]}-{k}-{lvl:g}-{wid:g}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
-    if request.headers.get("if-none-match") == etag:
+    if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     png = slices.display_png(get_storage(), volume, k, lvl, wid)
     return Response(png, media_type="image/png", headers=headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison against an ``If-None-Match`` list (``*`` matches anything)."""
+    if not if_none_match:
+        return False
+    candidates = [c.strip() for c in if_none_match.split(",")]
+    return "*" in candidates or etag in (c.removeprefix("W/") for c in candidates)
 
 
 def _stream(key: str, filename: str) -> StreamingResponse:

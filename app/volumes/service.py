@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
@@ -136,24 +137,11 @@ def upload_volume(
 
     orientation = Orientation.from_affine(loaded.affine, loaded.data.shape)
     canonical = orientation.canonical(loaded.data)
-    volume = repo.add(
-        Volume(
-            dataset_id=dataset.id,
-            case_id=case_id,
-            split=split,
-            image_key="pending",
-            canonical_key="pending",
-            shape=list(loaded.data.shape),
-            canonical_shape=list(canonical.shape),
-            spacing=list(loaded.spacing),
-            affine=loaded.affine.tolist(),
-            orientation=orientation_codes(loaded.affine),
-            dtype=str(loaded.image.header.get_data_dtype()),
-            sha256=_sha256(image.path),
-            size_bytes=image.path.stat().st_size,
-            reference_labels=ref_labels[1] if ref_labels else None,
-        )
-    )
+    try:
+        with session.begin_nested():  # a concurrent upload may take the case id between check and insert
+            volume = repo.add(_volume_row(dataset, case_id, split, image, loaded, orientation, canonical, ref_labels))
+    except IntegrityError as exc:
+        raise Conflict(f"case_id {case_id!r} already exists in dataset {dataset.id}") from exc
     prefix = f"volumes/{volume.id}"
     suffix = ".nii.gz" if image.path.name.endswith(".gz") else ".nii"
     try:
@@ -174,6 +162,35 @@ def upload_volume(
         storage.delete_prefix(prefix)
         raise
     return volume
+
+
+def _volume_row(
+    dataset: Dataset,
+    case_id: str,
+    split: str,
+    image: UploadedFile,
+    loaded: LoadedNifti,
+    orientation: Orientation,
+    canonical: npt.NDArray[Any],
+    ref_labels: tuple[npt.NDArray[np.int32], list[str]] | None,
+) -> Volume:
+    """The row for a validated upload; file keys are filled in once the id is known."""
+    return Volume(
+        dataset_id=dataset.id,
+        case_id=case_id,
+        split=split,
+        image_key="pending",
+        canonical_key="pending",
+        shape=list(loaded.data.shape),
+        canonical_shape=list(canonical.shape),
+        spacing=list(loaded.spacing),
+        affine=loaded.affine.tolist(),
+        orientation=orientation_codes(loaded.affine),
+        dtype=str(loaded.image.header.get_data_dtype()),
+        sha256=_sha256(image.path),
+        size_bytes=image.path.stat().st_size,
+        reference_labels=ref_labels[1] if ref_labels else None,
+    )
 
 
 def _check_same_geometry(image: LoadedNifti, ref: LoadedNifti) -> None:
