@@ -21,11 +21,12 @@ def canonical_reference(storage: Storage, volume: Volume) -> npt.NDArray[np.int3
     if volume.reference_key is None:
         raise Invalid(f"volume {volume.id} has no reference label map")
     with storage.local_copy(volume.reference_key) as path:
-        data: npt.NDArray[Any] = np.asarray(nib.load(str(path)).dataobj)
+        image: Any = nib.load(str(path))
+        data: npt.NDArray[Any] = np.asarray(image.dataobj)
     if data.ndim == 4:
         data = data[..., 0]
     orientation = Orientation.from_affine(volume.affine, volume.shape)
-    return np.ascontiguousarray(orientation.canonical(data.astype(np.int32)))  # type: ignore[arg-type]
+    return np.ascontiguousarray(orientation.canonical(data.astype(np.int32)), dtype=np.int32)
 
 
 def slices_with_labels(canonical_ref: npt.NDArray[np.integer[Any]], values: list[int] | None = None) -> list[int]:

@@ -7,17 +7,35 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, distinct, func, select, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Row, distinct, func, select, text
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound
 from app.prompts.models import Prompt, SliceView
 from app.volumes.models import Volume
 
-PROMPTS = Prompt.__table__
-VIEWS = SliceView.__table__
-INSERT_CHUNK = 5000
+INSERT_CHUNK = 10_000
+_PROMPT_ARRAYS = [
+    ("volume_id", "integer"), ("slice_index", "integer"), ("label", "text"), ("annotator", "text"),
+    ("token_id", "integer"), ("kind", "text"), ("x0", "float8"), ("y0", "float8"), ("x1", "float8"),
+    ("y1", "float8"), ("positive", "boolean"), ("source", "text"), ("client_id", "uuid"),
+]
+_INSERT_PROMPTS = text(
+    f"INSERT INTO prompts ({', '.join(n for n, _ in _PROMPT_ARRAYS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{n} AS {t}[])' for n, t in _PROMPT_ARRAYS)}) "
+    "ON CONFLICT ON CONSTRAINT uq_prompts_annotator_client_id DO NOTHING "
+    "RETURNING id, annotator, client_id"
+)
+_FIND_PROMPTS = text(
+    "SELECT p.id, p.annotator, p.client_id, p.volume_id FROM prompts p "
+    "JOIN unnest(CAST(:annotator AS text[]), CAST(:client_id AS uuid[])) AS k(annotator, client_id) "
+    "ON p.annotator = k.annotator AND p.client_id = k.client_id"
+)
+_INSERT_VIEWS = text(
+    "INSERT INTO slice_views (volume_id, slice_index, annotator, source) "
+    "SELECT :volume_id, k, a, :source FROM unnest(CAST(:slice_index AS integer[]), CAST(:annotator AS text[])) "
+    "AS v(k, a) ON CONFLICT ON CONSTRAINT uq_slice_views_volume_slice_annotator DO NOTHING"
+)
 
 
 @dataclass(frozen=True)
@@ -42,30 +60,26 @@ class PromptRepository:
     def insert_many(self, rows: list[dict[str, Any]]) -> InsertOutcome:
         """Insert prompt rows (each with ``annotator`` and ``client_id``), skipping existing client_ids.
 
-        Rows are inserted sorted by (annotator, client_id) so concurrent requests take unique-index
-        locks in one order (no deadlocks); a retried request gets the ids stored the first time.
+        One ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING RETURNING`` per chunk:
+        a handful of array parameters instead of thousands of placeholders. Rows go in sorted by
+        (annotator, client_id) so concurrent requests take unique-index locks in one order (no
+        deadlocks); a retried request gets the ids stored the first time, listed as duplicates.
         """
         if not rows:
             return InsertOutcome([], [])
-        order = sorted(range(len(rows)), key=lambda i: (rows[i]["annotator"], str(rows[i]["client_id"])))
-        stmt = (
-            pg_insert(PROMPTS)
-            .on_conflict_do_nothing(constraint="uq_prompts_annotator_client_id")
-            .returning(PROMPTS.c.id, PROMPTS.c.annotator, PROMPTS.c.client_id)
-        )
+        ordered = sorted(rows, key=lambda r: (r["annotator"], str(r["client_id"])))
         new: dict[tuple[str, uuid.UUID], int] = {}
-        for start in range(0, len(order), INSERT_CHUNK):
-            chunk = [rows[i] for i in order[start:start + INSERT_CHUNK]]
-            for row in self.session.execute(stmt, chunk):
+        for start in range(0, len(ordered), INSERT_CHUNK):
+            chunk = ordered[start:start + INSERT_CHUNK]
+            params = {name: [r[name] for r in chunk] for name, _ in _PROMPT_ARRAYS}
+            for row in self.session.execute(_INSERT_PROMPTS, params):
                 new[(row.annotator, row.client_id)] = row.id
         missing = [(r["annotator"], r["client_id"]) for r in rows if (r["annotator"], r["client_id"]) not in new]
         existing: dict[tuple[str, uuid.UUID], tuple[int, int]] = {}
         for start in range(0, len(missing), INSERT_CHUNK):
             keys = missing[start:start + INSERT_CHUNK]
             found = self.session.execute(
-                select(PROMPTS.c.id, PROMPTS.c.annotator, PROMPTS.c.client_id, PROMPTS.c.volume_id).where(
-                    tuple_(PROMPTS.c.annotator, PROMPTS.c.client_id).in_(keys)
-                )
+                _FIND_PROMPTS, {"annotator": [a for a, _ in keys], "client_id": [c for _, c in keys]}
             )
             for row in found:
                 existing[(row.annotator, row.client_id)] = (row.id, row.volume_id)
@@ -90,15 +104,13 @@ class PromptRepository:
 
     def mark_seen(self, volume_id: int, views: Iterable[tuple[int, str]], source: str) -> None:
         """Record (slice, annotator) views of a volume; existing views are kept as they are."""
-        rows = [
-            {"volume_id": volume_id, "slice_index": k, "annotator": a, "source": source}
-            for k, a in sorted(set(views), key=lambda v: (v[1], v[0]))
-        ]
-        if not rows:
-            return
-        stmt = pg_insert(VIEWS).on_conflict_do_nothing(constraint="uq_slice_views_volume_slice_annotator")
-        for start in range(0, len(rows), INSERT_CHUNK):
-            self.session.execute(stmt, rows[start:start + INSERT_CHUNK])
+        ordered = sorted(set(views), key=lambda v: (v[1], v[0]))
+        for start in range(0, len(ordered), INSERT_CHUNK):
+            chunk = ordered[start:start + INSERT_CHUNK]
+            self.session.execute(_INSERT_VIEWS, {
+                "volume_id": volume_id, "source": source,
+                "slice_index": [k for k, _ in chunk], "annotator": [a for _, a in chunk],
+            })
 
     def get(self, prompt_id: int) -> Prompt:
         row = self.session.get(Prompt, prompt_id)
@@ -129,7 +141,9 @@ class PromptRepository:
         items = self.session.scalars(select(Prompt).where(*where).order_by(Prompt.id).limit(limit).offset(offset))
         return items.all(), total
 
-    def boxes(self, volume_id: int, annotator: str | None = None) -> Sequence[Row[Any]]:
+    def boxes(
+        self, volume_id: int, annotator: str | None = None
+    ) -> Sequence[Row[str, int, str, float, float, float | None, float | None]]:
         """(annotator, slice, label, x0, y0, x1, y1) of a volume's boxes, ordered by slice then id."""
         stmt = select(
             Prompt.annotator, Prompt.slice_index, Prompt.label, Prompt.x0, Prompt.y0, Prompt.x1, Prompt.y1
@@ -138,14 +152,14 @@ class PromptRepository:
             stmt = stmt.where(Prompt.annotator == annotator)
         return self.session.execute(stmt.order_by(Prompt.slice_index, Prompt.id)).all()
 
-    def views(self, volume_id: int, annotator: str | None = None) -> Sequence[Row[Any]]:
+    def views(self, volume_id: int, annotator: str | None = None) -> Sequence[Row[str, int]]:
         """(annotator, slice) pairs seen on a volume."""
         stmt = select(SliceView.annotator, SliceView.slice_index).where(SliceView.volume_id == volume_id)
         if annotator is not None:
             stmt = stmt.where(SliceView.annotator == annotator)
         return self.session.execute(stmt.order_by(SliceView.annotator, SliceView.slice_index)).all()
 
-    def prompt_counts(self, volume_id: int) -> Sequence[Row[Any]]:
+    def prompt_counts(self, volume_id: int) -> Sequence[Row[int, str, int, int]]:
         """(slice, label, distinct annotators, prompts) of a volume."""
         return self.session.execute(
             select(
@@ -158,7 +172,7 @@ class PromptRepository:
             .group_by(Prompt.slice_index, Prompt.label)
         ).all()
 
-    def view_counts(self, volume_id: int) -> Sequence[Row[Any]]:
+    def view_counts(self, volume_id: int) -> Sequence[Row[int, int]]:
         """(slice, distinct annotators who saw it) of a volume."""
         return self.session.execute(
             select(SliceView.slice_index, func.count(distinct(SliceView.annotator)).label("seen_by"))

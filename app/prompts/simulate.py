@@ -78,7 +78,7 @@ def reference_boxes(
     present = np.flatnonzero(np.isin(canonical_labels, values).any(axis=(0, 1)))
     out: dict[int, dict[str, list[Box]]] = {}
     for k in present:
-        display = display_slice(canonical_labels, int(k))
+        display: npt.NDArray[np.integer[Any]] = display_slice(canonical_labels, int(k))  # type: ignore[assignment]
         per_label = {}
         for name in sorted(label_values):
             boxes = organ_boxes(display, label_values[name], per_component=per_component,

@@ -65,7 +65,8 @@ def active(dataset_id: int) -> list[Lease]:
     redis = get_redis()
     redis.zremrangebyscore(_index_key(dataset_id), "-inf", now)
     out = []
-    for member, score in redis.zrange(_index_key(dataset_id), 0, -1, withscores=True):
+    entries: list[tuple[bytes, float]] = redis.zrange(_index_key(dataset_id), 0, -1, withscores=True)  # type: ignore[assignment]
+    for member, score in entries:
         volume, k, annotator = member.decode().split(":", 2)
         out.append(Lease(int(volume), int(k), annotator, float(score)))
     return out
