@@ -70,7 +70,7 @@ class Storage:
         return bytes(self.fs.cat_file(self._path(key)))
 
     def open(self, key: str) -> IO[bytes]:
-        return self.fs.open(self._path(key), "rb")  # type: ignore[no-any-return]
+        return self.fs.open(self._path(key), "rb")
 
     @contextlib.contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -153,7 +154,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 def _stream(key: str, filename: str) -> StreamingResponse:
     handle = get_storage().open(key)
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         with handle:
             while chunk := handle.read(1 << 20):
                 yield chunk
