@@ -12,11 +12,16 @@ different slices instead of piling onto one.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from app.core.redis import get_redis
+
+log = logging.getLogger("crowdsam.tasks")
 
 PREFIX = "crowdsam"
 
@@ -93,11 +98,18 @@ def claim(dataset_id: int, volume_id: int, k: int, annotator: str, capacity: int
 
 
 def release(dataset_id: int, volume_id: int, slices: list[int], annotator: str) -> None:
-    """Drop the annotator's leases on these slices (they have been seen)."""
+    """Drop the annotator's leases on these slices (they have been seen).
+
+    Best effort: storing prompts must not fail because Redis is away; a lease left behind
+    simply expires after ``task_lease_s``.
+    """
     if not slices:
         return
-    pipe = get_redis().pipeline(transaction=False)
-    for k in slices:
-        pipe.zrem(_slice_key(volume_id, k), annotator)
-    pipe.zrem(_index_key(dataset_id), *[f"{volume_id}:{k}:{annotator}" for k in slices])
-    pipe.execute()
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for k in slices:
+            pipe.zrem(_slice_key(volume_id, k), annotator)
+        pipe.zrem(_index_key(dataset_id), *[f"{volume_id}:{k}:{annotator}" for k in slices])
+        pipe.execute()
+    except RedisError as exc:
+        log.warning("could not release task leases of %s on volume %s: %s", annotator, volume_id, exc)
