@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= ACTIVE
 
-.PHONY: install demo test lint bench serve worker clean
+.PHONY: install browser demo test lint bench serve worker clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ install: $(STAMP)
 demo: install
 	$(PY) -m app.demo
 
-test: install
+# Headless Chromium for the browser tests (tests/test_web_browser.py): Debian's package.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

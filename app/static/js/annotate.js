@@ -1,0 +1,564 @@
+// The crowd annotation page: get a slice from GET /api/v1/tasks/next, draw boxes, submit them.
+import { Api, API, ApiError, describe } from './api.js';
+import { bindLoginForm, clearToken, takeToken } from './auth.js';
+import { CURSORS, clampBox, dragBox, hitTest, normalize, roundBox } from './geometry.js';
+import { Outbox, ownerTag } from './outbox.js';
+import { uuid } from './uuid.js';
+import { View } from './view.js';
+
+const $ = (id) => document.getElementById(id);
+const DATASET_KEY = 'crowdsam.dataset';
+const MIN_BOX_SCREEN_PX = 4;
+
+const state = {
+  api: null,
+  outbox: null,
+  datasets: [],
+  datasetId: null,
+  task: null,
+  labels: [], // [name, value] sorted by value
+  colors: {},
+  organ: null,
+  boxes: [], // {client_id, label, box}
+  selected: null, // client_id
+  busy: false,
+  done: 0,
+  drag: null,
+  panMode: false,
+  spaceHeld: false,
+};
+
+const canvas = $('canvas');
+const view = new View(canvas, drawOverlay);
+view.onChange(() => {
+  $('zoom-level').textContent = `${Math.round(view.zoom * 100)}%`;
+});
+
+// ---------------------------------------------------------------- sign-in and start-up
+
+function showLogin(message = '') {
+  $('login').hidden = false;
+  $('workspace').hidden = true;
+  $('logout').hidden = true;
+  $('login-error').textContent = message;
+  $('token-input').focus();
+}
+
+async function start(token) {
+  state.api = new Api(token);
+  state.outbox = new Outbox(state.api, ownerTag(token), onOutboxEvent);
+  try {
+    state.datasets = await state.api.json('datasets');
+  } catch (error) {
+    if (error instanceof ApiError && error.auth) clearToken();
+    showLogin(describe(error));
+    return;
+  }
+  $('login').hidden = true;
+  $('workspace').hidden = false;
+  $('logout').hidden = false;
+  chooseDataset();
+  if (state.outbox.pending().length) {
+    setStatus('Sending boxes saved earlier…');
+    const ok = await sendOutbox();
+    if (!ok) return;
+  }
+  await nextTask();
+}
+
+function chooseDataset() {
+  const select = $('dataset');
+  select.replaceChildren(
+    ...state.datasets.map((d) => new Option(`${d.name} (#${d.id})`, String(d.id))),
+  );
+  const wanted = new URL(window.location.href).searchParams.get('dataset') || sessionStorage.getItem(DATASET_KEY);
+  const ids = state.datasets.map((d) => String(d.id));
+  const chosen = ids.includes(wanted) ? wanted : ids[0];
+  if (chosen) select.value = chosen;
+  state.datasetId = chosen ? Number(chosen) : null;
+  if (chosen) sessionStorage.setItem(DATASET_KEY, chosen);
+}
+
+$('dataset').addEventListener('change', async () => {
+  state.datasetId = Number($('dataset').value);
+  sessionStorage.setItem(DATASET_KEY, String(state.datasetId));
+  await nextTask();
+});
+
+$('logout').addEventListener('click', () => {
+  clearToken();
+  state.api = null;
+  showLogin('Signed out.');
+});
+
+// ---------------------------------------------------------------- tasks and slice images
+
+async function nextTask() {
+  state.task = null;
+  state.boxes = [];
+  state.selected = null;
+  canvas.dataset.ready = 'false';
+  refreshControls();
+  $('empty').hidden = true;
+  if (state.datasetId === null) {
+    $('task-info').textContent = 'No dataset is open for annotation yet.';
+    return;
+  }
+  $('task-info').textContent = 'Fetching the next slice…';
+  let task;
+  try {
+    task = await state.api.json('tasks/next', { query: { dataset: state.datasetId } });
+  } catch (error) {
+    $('task-info').textContent = `Could not get a slice: ${describe(error)}`;
+    if (error instanceof ApiError && error.auth) showLogin(describe(error));
+    return;
+  }
+  if (!task) {
+    view.setImage(null);
+    $('empty').hidden = false;
+    $('task-info').textContent = 'No slice to annotate.';
+    $('again').focus();
+    return;
+  }
+  state.task = task;
+  state.done = task.done ?? state.done;
+  showDone();
+  state.labels = Object.entries(task.labels).sort((a, b) => a[1] - b[1]);
+  state.colors = task.colors || {};
+  buildOrganPicker();
+  $('task-info').textContent = `Case ${task.case_id}, slice ${task.slice}. Draw a box around every listed organ you see.`;
+  await loadImage(false);
+  refreshControls();
+}
+
+async function loadImage(keepView) {
+  const task = state.task;
+  if (!task) return;
+  const [level, width] = ($('window').value || ',').split(',');
+  try {
+    const bitmap = await state.api.bitmap(task.slice_url, { level, width });
+    if (state.task !== task) return;
+    const previous = view.image;
+    view.setImage(bitmap, { keepView });
+    if (previous && previous !== bitmap) previous.close();
+    Object.assign(canvas.dataset, { volume: String(task.volume_id), slice: String(task.slice), ready: 'true' });
+  } catch (error) {
+    setStatus(`Could not load the slice image: ${describe(error)}`, true);
+  }
+}
+
+$('window').addEventListener('change', () => loadImage(true));
+$('again').addEventListener('click', () => nextTask());
+
+function showDone() {
+  $('done').textContent = `${state.done} slice${state.done === 1 ? '' : 's'} done`;
+}
+
+// ---------------------------------------------------------------- organ picker
+
+function buildOrganPicker() {
+  const fieldset = $('organs');
+  const legend = fieldset.querySelector('legend');
+  const names = state.labels.map(([name]) => name);
+  if (!names.includes(state.organ)) state.organ = names[0] ?? null;
+  fieldset.replaceChildren(
+    legend,
+    ...state.labels.map(([name], index) => {
+      const label = document.createElement('label');
+      label.className = 'organ';
+      const input = document.createElement('input');
+      input.type = 'radio';
+      input.name = 'organ';
+      input.value = name;
+      input.checked = name === state.organ;
+      input.addEventListener('change', () => selectOrgan(name));
+      const swatch = document.createElement('span');
+      swatch.className = 'swatch';
+      swatch.style.background = colorOf(name);
+      const text = document.createElement('span');
+      text.textContent = name.replaceAll('_', ' ');
+      label.append(input, swatch, text);
+      if (index < 9) {
+        const key = document.createElement('kbd');
+        key.textContent = String(index + 1);
+        key.setAttribute('aria-label', `key ${index + 1}`);
+        label.append(key);
+      }
+      return label;
+    }),
+  );
+}
+
+function selectOrgan(name) {
+  state.organ = name;
+  for (const input of document.querySelectorAll('input[name="organ"]')) input.checked = input.value === name;
+  view.render();
+}
+
+function colorOf(name) {
+  return state.colors[name] || '#ffffff';
+}
+
+// ---------------------------------------------------------------- boxes: drawing and editing
+
+function selectedBox() {
+  return state.boxes.find((b) => b.client_id === state.selected) || null;
+}
+
+function addBox(box, label = state.organ) {
+  const entry = { client_id: uuid(), label, box: clampBox(box, view.w, view.h) };
+  state.boxes.push(entry);
+  state.selected = entry.client_id;
+  refreshControls();
+  return entry;
+}
+
+function deleteSelected() {
+  if (!state.selected || state.busy) return;
+  state.boxes = state.boxes.filter((b) => b.client_id !== state.selected);
+  state.selected = null;
+  refreshControls();
+}
+
+function tolerance(pointerType) {
+  return (pointerType === 'touch' ? 16 : 8) / view.scale;
+}
+
+/** The box and handle under display point (x, y): the selected box first, then the topmost. */
+function hit(x, y, pointerType) {
+  const tol = tolerance(pointerType);
+  const order = [...state.boxes].reverse();
+  const sel = selectedBox();
+  if (sel) order.unshift(sel);
+  for (const entry of order) {
+    const handle = hitTest(entry.box, x, y, tol);
+    if (handle) return { entry, handle };
+  }
+  return null;
+}
+
+canvas.addEventListener('pointerdown', (event) => {
+  if (!state.task || !view.image || state.busy || state.drag) return;
+  if (event.pointerType === 'mouse' && event.button !== 0 && event.button !== 1) return;
+  canvas.focus({ preventScroll: true });
+  canvas.setPointerCapture(event.pointerId);
+  event.preventDefault();
+  const [x, y] = view.toDisplay(event.clientX, event.clientY);
+  const base = { id: event.pointerId, startX: x, startY: y, clientX: event.clientX, clientY: event.clientY };
+  if (state.panMode || state.spaceHeld || event.button === 1) {
+    state.drag = { ...base, kind: 'pan' };
+    return;
+  }
+  const found = hit(x, y, event.pointerType);
+  if (found) {
+    state.selected = found.entry.client_id;
+    state.drag = { ...base, kind: 'edit', entry: found.entry, handle: found.handle, original: found.entry.box };
+  } else {
+    state.selected = null;
+    const px = Math.min(view.w, Math.max(0, x));
+    const py = Math.min(view.h, Math.max(0, y));
+    state.drag = { ...base, kind: 'draw', box: [px, py, px, py] };
+  }
+  refreshControls();
+});
+
+canvas.addEventListener('pointermove', (event) => {
+  const drag = state.drag;
+  if (!drag) {
+    if (!view.image) return;
+    const [x, y] = view.toDisplay(event.clientX, event.clientY);
+    const found = state.panMode || state.spaceHeld ? null : hit(x, y, event.pointerType);
+    canvas.style.cursor = state.panMode || state.spaceHeld ? 'grab' : found ? CURSORS[found.handle] : 'crosshair';
+    return;
+  }
+  if (event.pointerId !== drag.id) return;
+  event.preventDefault();
+  if (drag.kind === 'pan') {
+    view.panBy(event.clientX - drag.clientX, event.clientY - drag.clientY);
+    drag.clientX = event.clientX;
+    drag.clientY = event.clientY;
+    return;
+  }
+  const [x, y] = view.toDisplay(event.clientX, event.clientY);
+  if (drag.kind === 'draw') {
+    drag.box = clampBox([drag.startX, drag.startY, x, y], view.w, view.h);
+  } else {
+    drag.entry.box = dragBox(drag.original, drag.handle, x - drag.startX, y - drag.startY, view.w, view.h);
+  }
+  view.render();
+});
+
+function endDrag(event, cancelled) {
+  const drag = state.drag;
+  if (!drag || event.pointerId !== drag.id) return;
+  state.drag = null;
+  if (canvas.hasPointerCapture(event.pointerId)) canvas.releasePointerCapture(event.pointerId);
+  if (drag.kind === 'draw' && !cancelled) {
+    const [x0, y0, x1, y1] = normalize(drag.box);
+    const minSize = MIN_BOX_SCREEN_PX / view.scale;
+    if (x1 - x0 >= minSize && y1 - y0 >= minSize && state.organ) addBox([x0, y0, x1, y1]);
+  } else if (drag.kind === 'edit') {
+    if (cancelled) drag.entry.box = drag.original;
+    drag.entry.box = normalize(drag.entry.box);
+  }
+  refreshControls();
+}
+
+canvas.addEventListener('pointerup', (event) => endDrag(event, false));
+canvas.addEventListener('pointercancel', (event) => endDrag(event, true));
+canvas.addEventListener('lostpointercapture', (event) => endDrag(event, false));
+canvas.addEventListener('contextmenu', (event) => event.preventDefault());
+canvas.addEventListener(
+  'wheel',
+  (event) => {
+    if (!view.image) return;
+    event.preventDefault();
+    const rect = canvas.getBoundingClientRect();
+    view.zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15, event.clientX - rect.left, event.clientY - rect.top);
+  },
+  { passive: false },
+);
+
+function drawOverlay(ctx) {
+  const all = state.boxes.map((entry) => ({ ...entry, selected: entry.client_id === state.selected }));
+  if (state.drag && state.drag.kind === 'draw') {
+    all.push({ label: state.organ, box: normalize(state.drag.box), selected: true, drawing: true });
+  }
+  for (const entry of all) {
+    const [x0, y0, x1, y1] = entry.box;
+    const [sx0, sy0] = view.toScreen(x0, y0);
+    const [sx1, sy1] = view.toScreen(x1, y1);
+    const color = colorOf(entry.label);
+    ctx.fillStyle = `${color}26`;
+    ctx.fillRect(sx0, sy0, sx1 - sx0, sy1 - sy0);
+    ctx.lineWidth = 4;
+    ctx.strokeStyle = 'rgba(0,0,0,0.75)';
+    ctx.strokeRect(sx0, sy0, sx1 - sx0, sy1 - sy0);
+    ctx.lineWidth = entry.selected ? 2.5 : 1.75;
+    ctx.strokeStyle = color;
+    ctx.setLineDash(entry.drawing ? [6, 4] : []);
+    ctx.strokeRect(sx0, sy0, sx1 - sx0, sy1 - sy0);
+    ctx.setLineDash([]);
+    ctx.font = '600 12px system-ui, sans-serif';
+    const text = entry.label.replaceAll('_', ' ');
+    const tw = ctx.measureText(text).width + 8;
+    ctx.fillStyle = 'rgba(0,0,0,0.85)';
+    ctx.fillRect(sx0, sy0 - 17, tw + 4, 16);
+    ctx.fillStyle = color;
+    ctx.fillRect(sx0, sy0 - 17, 4, 16);
+    ctx.fillStyle = '#fff';
+    ctx.fillText(text, sx0 + 8, sy0 - 5);
+    if (entry.selected && !entry.drawing) {
+      const hs = 7;
+      ctx.fillStyle = '#fff';
+      ctx.strokeStyle = '#000';
+      ctx.lineWidth = 1;
+      for (const [hx, hy] of [
+        [sx0, sy0], [sx1, sy0], [sx0, sy1], [sx1, sy1],
+        [(sx0 + sx1) / 2, sy0], [(sx0 + sx1) / 2, sy1], [sx0, (sy0 + sy1) / 2], [sx1, (sy0 + sy1) / 2],
+      ]) {
+        ctx.fillRect(hx - hs / 2, hy - hs / 2, hs, hs);
+        ctx.strokeRect(hx - hs / 2, hy - hs / 2, hs, hs);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- side panel: box list and buttons
+
+function refreshControls() {
+  const list = $('box-list');
+  list.replaceChildren(
+    ...state.boxes.map((entry, index) => {
+      const item = document.createElement('li');
+      item.className = entry.client_id === state.selected ? 'selected' : '';
+      const select = document.createElement('button');
+      select.type = 'button';
+      select.className = 'box-item';
+      select.setAttribute('aria-pressed', String(entry.client_id === state.selected));
+      const swatch = document.createElement('span');
+      swatch.className = 'swatch';
+      swatch.style.background = colorOf(entry.label);
+      const [x0, y0, x1, y1] = entry.box.map((v) => Math.round(v));
+      select.append(swatch, `${index + 1}. ${entry.label.replaceAll('_', ' ')} [${x0}, ${y0}, ${x1}, ${y1}]`);
+      select.addEventListener('click', () => {
+        state.selected = entry.client_id;
+        refreshControls();
+        canvas.focus();
+      });
+      const remove = document.createElement('button');
+      remove.type = 'button';
+      remove.className = 'ghost';
+      remove.textContent = '×';
+      remove.setAttribute('aria-label', `Delete box ${index + 1} (${entry.label})`);
+      remove.disabled = state.busy;
+      remove.addEventListener('click', () => {
+        state.selected = entry.client_id;
+        deleteSelected();
+      });
+      item.append(select, remove);
+      return item;
+    }),
+  );
+  const ready = Boolean(state.task && view.image) && !state.busy;
+  $('submit').disabled = !ready || state.boxes.length === 0;
+  $('nothing').disabled = !ready || state.boxes.length > 0;
+  $('add-box').disabled = !ready || !state.organ;
+  $('delete-box').disabled = !ready || !state.selected;
+  $('dataset').disabled = state.busy;
+  $('submit').textContent = state.boxes.length > 1 ? `Submit ${state.boxes.length} boxes` : 'Submit boxes';
+  view.render();
+}
+
+$('delete-box').addEventListener('click', deleteSelected);
+$('add-box').addEventListener('click', addCentredBox);
+$('zoom-in').addEventListener('click', () => view.zoomBy(1.25));
+$('zoom-out').addEventListener('click', () => view.zoomBy(1 / 1.25));
+$('zoom-fit').addEventListener('click', () => view.reset());
+$('pan').addEventListener('click', () => {
+  state.panMode = !state.panMode;
+  $('pan').setAttribute('aria-pressed', String(state.panMode));
+});
+
+function addCentredBox() {
+  if (!view.image || !state.organ || state.busy) return;
+  const [cx, cy] = view.toDisplay(
+    canvas.getBoundingClientRect().left + view.cssW / 2,
+    canvas.getBoundingClientRect().top + view.cssH / 2,
+  );
+  const half = Math.max(4, Math.min(view.w, view.h) / 8);
+  addBox([cx - half, cy - half, cx + half, cy + half]);
+  canvas.focus();
+}
+
+// ---------------------------------------------------------------- submitting
+
+function setStatus(text, isError = false) {
+  const el = $('status');
+  el.textContent = text;
+  el.classList.toggle('error', isError);
+}
+
+function onOutboxEvent(event) {
+  if (event.state === 'sending') {
+    setStatus(event.attempt > 1 ? `Sending again (attempt ${event.attempt})…` : 'Sending…');
+  } else if (event.state === 'waiting') {
+    setStatus(`Offline or server busy — your boxes are kept and will be sent again in ${Math.ceil(event.delay / 1000)} s.`);
+  } else if (event.state === 'rejected') {
+    setStatus(`The server refused these boxes: ${describe(event.error)}`, true);
+  } else if (event.state === 'blocked') {
+    setStatus(describe(event.error), true);
+  }
+}
+
+/** Flush the outbox; true when everything was accepted. */
+async function sendOutbox() {
+  const result = await state.outbox.flush();
+  if (result.blocked) {
+    if (result.blocked.status === 401) {
+      clearToken();
+      showLogin(`${describe(result.blocked)} Your boxes are kept and will be sent after you sign in.`);
+    }
+    return false;
+  }
+  return Object.keys(result.rejected).length === 0;
+}
+
+async function submit(nothingHere) {
+  const task = state.task;
+  if (!task || state.busy) return;
+  if (!nothingHere && state.boxes.length === 0) return;
+  state.busy = true;
+  refreshControls();
+  const body = {
+    boxes: nothingHere
+      ? []
+      : state.boxes.map((b) => ({ slice: task.slice, label: b.label, box: roundBox(normalize(b.box)), client_id: b.client_id })),
+    points: [],
+    seen: [task.slice],
+  };
+  const id = state.outbox.add(`volumes/${task.volume_id}/prompts`, body, { slice: task.slice, case_id: task.case_id });
+  const result = await state.outbox.flush();
+  state.busy = false;
+  if (result.sent[id]) {
+    state.done += 1;
+    showDone();
+    setStatus(nothingHere ? 'Saved: nothing of these organs on that slice.' : `Saved ${body.boxes.length} box(es).`);
+    await nextTask();
+    return;
+  }
+  if (result.blocked && result.blocked.status === 401) {
+    clearToken();
+    showLogin(`${describe(result.blocked)} Your boxes are kept and will be sent after you sign in.`);
+    return;
+  }
+  refreshControls();
+}
+
+$('submit').addEventListener('click', () => submit(false));
+$('nothing').addEventListener('click', () => submit(true));
+
+// ---------------------------------------------------------------- keyboard
+
+function typingInto(target) {
+  return target instanceof HTMLInputElement && !['radio', 'checkbox', 'range'].includes(target.type)
+    || target instanceof HTMLTextAreaElement || target instanceof HTMLSelectElement;
+}
+
+document.addEventListener('keydown', (event) => {
+  if ($('workspace').hidden || typingInto(event.target)) return;
+  if (event.ctrlKey && event.key === 'Enter') {
+    event.preventDefault();
+    submit(false);
+    return;
+  }
+  if (event.ctrlKey || event.metaKey) return;
+  const sel = selectedBox();
+  if (/^[1-9]$/.test(event.key) && !event.altKey) {
+    const entry = state.labels[Number(event.key) - 1];
+    if (entry) {
+      event.preventDefault();
+      selectOrgan(entry[0]);
+      setStatus(`Organ: ${entry[0].replaceAll('_', ' ')}`);
+    }
+  } else if ((event.key === 'Delete' || event.key === 'Backspace') && sel) {
+    event.preventDefault();
+    deleteSelected();
+  } else if (event.key === 'Escape') {
+    state.selected = null;
+    refreshControls();
+  } else if (event.key.startsWith('Arrow') && sel && !state.busy && event.target === canvas) {
+    event.preventDefault();
+    const step = event.shiftKey ? 10 : 1;
+    const dx = { ArrowLeft: -step, ArrowRight: step }[event.key] || 0;
+    const dy = { ArrowUp: -step, ArrowDown: step }[event.key] || 0;
+    sel.box = normalize(dragBox(sel.box, event.altKey ? 'se' : 'move', dx, dy, view.w, view.h));
+    refreshControls();
+  } else if (event.key === 'b' || event.key === 'B') {
+    event.preventDefault();
+    addCentredBox();
+  } else if (event.key === '+' || event.key === '=') {
+    view.zoomBy(1.25);
+  } else if (event.key === '-') {
+    view.zoomBy(1 / 1.25);
+  } else if (event.key === '0') {
+    view.reset();
+  } else if (event.key === ' ' && (event.target === canvas || event.target === document.body)) {
+    event.preventDefault();
+    state.spaceHeld = true;
+  }
+});
+
+document.addEventListener('keyup', (event) => {
+  if (event.key === ' ') state.spaceHeld = false;
+});
+
+// ---------------------------------------------------------------- go
+
+bindLoginForm($('login-form'), $('token-input'), (token) => start(token));
+const initial = takeToken();
+if (initial) start(initial);
+else showLogin();
+
+// For debugging and tests: a read-only peek at the page state.
+window.crowdsamAnnotate = { state, view, API };
