@@ -66,9 +66,13 @@ def clean_state() -> Iterator[None]:
     from app.models import Base
     from app.volumes import slices
 
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    # DELETE in reverse dependency order + sequence resets: ~10x faster than TRUNCATE on tiny tables.
     with get_engine().begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(text(f'DELETE FROM "{table.name}"'))
+        sequences = conn.execute(text("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'")).scalars()
+        for sequence in list(sequences):
+            conn.execute(text(f'ALTER SEQUENCE "{sequence}" RESTART'))
     get_redis().flushdb()
     storage = get_storage()
     shutil.rmtree(storage.root, ignore_errors=True)

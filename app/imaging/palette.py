@@ -17,4 +17,4 @@ def label_color(value: int) -> tuple[int, int, int]:
 
 def label_colors(labels: dict[str, int]) -> dict[str, str]:
     """label name → ``#rrggbb`` for front ends."""
-    return {name: "#%02x%02x%02x" % label_color(value) for name, value in labels.items()}
+    return {name: "#{:02x}{:02x}{:02x}".format(*label_color(value)) for name, value in labels.items()}
