@@ -63,4 +63,5 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a 2xx always means "stored".
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
