@@ -105,3 +105,24 @@ def png_array(content: bytes) -> npt.NDArray[Any]:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def reoriented_copy(directory: Path, image: Path, reference: Path, axcodes: tuple[str, str, str],
+                    tag: str = "") -> tuple[Path, Path]:
+    """Image + reference reoriented to ``axcodes`` (same anatomy, new array layout and affine).
+
+    ``tag`` goes into the header description: a different tag gives a different file (sha256),
+    i.e. a volume whose embeddings no cache has seen yet.
+    """
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    out = []
+    for path, name in ((image, "image"), (reference, "reference")):
+        img = nib.load(str(path))
+        ornt = ornt_transform(io_orientation(img.affine), axcodes2ornt(axcodes))
+        moved = img.as_reoriented(ornt)
+        moved.header["descrip"] = f"{''.join(axcodes)} {tag}".encode()[:79]
+        target = directory / f"{name}_{''.join(axcodes)}{'_' + tag if tag else ''}.nii.gz"
+        nib.save(moved, str(target))
+        out.append(target)
+    return out[0], out[1]

@@ -213,6 +213,22 @@ class SegmentationRunner:
             self._end(JobStatus.failed, _reason(exc))
 
 
+def mark_abandoned(segmentation_id: int, *, retrying: bool) -> None:
+    """The worker running this job died (SIGKILL, OOM, crash); RQ retries it or gave up."""
+    with session_scope() as session:
+        row = session.get(Segmentation, segmentation_id, with_for_update=True)
+        if row is None or row.status in (JobStatus.finished, JobStatus.canceled):
+            return
+        if retrying:
+            row.status = JobStatus.queued
+            row.error = "the worker running this job died; it was handed back for a retry"
+        else:
+            row.status = JobStatus.failed
+            row.error = "the worker running this job died and no retries are left"
+            row.finished_at = _now()
+        session.commit()
+
+
 def _engine(model: str) -> Any:
     from workers.sam.engine import get_engine
 
