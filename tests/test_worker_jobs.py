@@ -73,7 +73,7 @@ def test_same_inputs_give_the_same_bytes_and_one_added_box_decodes_one_slice(  #
 
     # A second annotator adds one box on slice 15: embeddings come from the cache, one slice re-decodes.
     extra = _boxes([15], ("liver",))[:1]
-    post_boxes(client, tokens.headers("annotator2"), vid, extra, annotator="annotator2")
+    post_boxes(client, tokens.headers("annotator2"), vid, extra)
     rerun = _request(client, tokens, vid)
     run_jobs()
     c = _get(client, tokens, rerun)
