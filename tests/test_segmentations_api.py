@@ -169,6 +169,10 @@ def test_finished_mask_download_etag_label_and_overlays(client, tokens, sm_volum
     assert etag == f'"{seg["mask_sha256"]}"'
     cached = client.get(f"/api/v1/segmentations/{sid}/mask", headers={**headers, "If-None-Match": etag})
     assert cached.status_code == 304 and cached.content == b""
+    listed = client.get(f"/api/v1/segmentations/{sid}/mask", headers={**headers, "If-None-Match": f'"x", W/{etag}'})
+    assert listed.status_code == 304
+    stale = client.get(f"/api/v1/segmentations/{sid}/mask", headers={**headers, "If-None-Match": '"other"'})
+    assert stale.status_code == 200 and stale.content == response.content
 
     image = nib.load(str(CT_DIR / "example_ct_sm.nii.gz"))
     mask = load_mask(response.content)

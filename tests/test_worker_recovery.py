@@ -133,3 +133,24 @@ def test_sigkill_mid_job_leaves_no_mask_and_the_retry_finishes_with_the_clean_ma
     assert clean_row.mask_sha256 == finished.mask_sha256
     recovered = client.get(f"/api/v1/segmentations/{sid}/mask", headers=headers).content
     assert recovered == client.get(f"/api/v1/segmentations/{clean}/mask", headers=headers).content
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_only_a_dead_schedulers_lock_is_released(alive: bool) -> None:
+    import socket
+
+    from app.core.redis import get_queue
+    from workers.run import release_dead_scheduler_locks
+
+    if alive:
+        pid = os.getpid()
+    else:
+        finished = subprocess.Popen(["true"])
+        finished.wait()
+        pid = finished.pid
+    redis = get_redis()
+    redis.set("rq:scheduler-lock:sam", "sched-1", ex=60)
+    redis.hset("rq:scheduler:sched-1", mapping={"name": "sched-1", "hostname": socket.gethostname(), "pid": pid})
+    released = release_dead_scheduler_locks([get_queue("sam")])
+    assert released == ([] if alive else ["sam"])
+    assert (redis.get("rq:scheduler-lock:sam") is not None) is alive

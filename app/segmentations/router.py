@@ -91,6 +91,15 @@ def cancel_segmentation(segmentation_id: int, session: SessionDep, _: Staff) -> 
     return service.to_out(service.cancel(session, segmentation_id))
 
 
+def _not_modified(request: Request, etag: str) -> bool:
+    """If-None-Match holds this ETag (a list, weak validators and ``*`` included)."""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
 def _finished(session: Session, segmentation_id: int) -> Segmentation:
     row = SegmentationRepository(session).get(segmentation_id)
     if row.status != JobStatus.finished or row.mask_key is None:
@@ -125,7 +134,7 @@ def download_mask(
         etag = f'"{row.mask_sha256[:40]}-{value}"'
         name = f"{name}_{label}"
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
-    if request.headers.get("if-none-match") == etag:
+    if _not_modified(request, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     headers["Content-Disposition"] = f'attachment; filename="{name}.nii.gz"'
     storage = get_storage()
@@ -172,7 +181,7 @@ def overlay_slice(
     window = f"-{lvl:g}-{wid:g}" if mode == "overlay" else ""
     etag = f'"{row.mask_sha256[:16]}-{k}-{mode}-{".".join(map(str, values))}{window}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
-    if request.headers.get("if-none-match") == etag:
+    if _not_modified(request, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     storage = get_storage()
     label_map = masks.canonical_labels(storage, volume, row)
