@@ -43,7 +43,7 @@ def label_slices_from_stats(stats: dict[str, Any], labels: dict[str, int]) -> di
 
 def _load_labels(storage: Storage, key: str) -> npt.NDArray[np.int32]:
     with storage.local_copy(key) as path:
-        return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)
+        return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
 
 
 class EvaluationRunner:

@@ -108,7 +108,7 @@ class ExportRunner:
         labels = None
         if label_key is not None:
             with self.storage.local_copy(label_key) as path:
-                labels = np.asarray(nib.load(str(path)).dataobj).astype(np.int32)
+                labels = np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
         provenance: dict[str, Any] = {"volume_id": plan["volume_id"]}
         if plan.get("segmentation_id") is not None:
             provenance["segmentation_id"] = plan["segmentation_id"]

@@ -214,7 +214,7 @@ def json_safe(obj: Any) -> Any:
 
 
 # --- statistics ---------------------------------------------------------------------------------
-def rank_biserial(x: Sequence[float], y: Sequence[float]) -> float:
+def rank_biserial(x: Sequence[float] | npt.NDArray[np.float64], y: Sequence[float] | npt.NDArray[np.float64]) -> float:
     """Matched-pairs rank-biserial correlation (W+ − W−) / (W+ + W−) over non-zero differences of x − y;
     +1 when every pair favours x, −1 when every pair favours y."""
     from scipy.stats import rankdata

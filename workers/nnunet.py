@@ -118,7 +118,7 @@ def copy_image_gz(source: Path, target: Path) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def write_label_like(labels: npt.NDArray[np.integer[Any]], image: nib.Nifti1Image, path: Path) -> None:
+def write_label_like(labels: npt.NDArray[np.integer[Any]], image: Any, path: Path) -> None:
     """Save ``labels`` with ``image``'s header: same qform/sform and codes, uint8/uint16 data."""
     if labels.shape != image.shape[:3]:
         raise ValueError(f"label shape {labels.shape} differs from the image's {image.shape[:3]}")
@@ -194,7 +194,7 @@ def _write_case(folder: Path, case: CaseInput, mapping: LabelMapping) -> dict[st
         if train:
             raise ValueError(f"train case {case.case_id!r} has no labels")
         return info
-    image = nib.load(str(image_target))
+    image: Any = nib.load(str(image_target))
     labels = mapping.to_export(case.labels)
     if mapping.ignore_value is not None and case.known_slices is not None:
         orientation = Orientation.from_affine(image.affine, image.shape[:3])

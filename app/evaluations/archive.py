@@ -82,10 +82,10 @@ def unpack(archive: Path, directory: Path, *, max_bytes: int) -> Unpacked:
                     continue
                 target = _take(member.name, out, directory)
                 if target is not None:
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with src:
-                        budget -= _copy_bounded(src, target, budget)
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    with extracted:
+                        budget -= _copy_bounded(extracted, target, budget)
     if not out.files:
         raise Invalid("predictions: the archive holds no {CASE}.nii.gz files")
     return out

@@ -120,15 +120,18 @@ def create_from_upload(
         converted = {case: _validated_prediction(path, by_case[case], value_map, Path(tmp))
                      for case, path in sorted(unpacked.files.items())}
         missing = sorted(v.case_id for v in by_case.values() if v.has_reference and v.case_id not in converted)
-        cases = [{"case_id": case, "volume_id": by_case[case].id, "prediction_file": unpacked.files[case].name}
-                 for case in converted]
+        cases: list[dict[str, Any]] = [
+            {"case_id": case, "volume_id": by_case[case].id, "prediction_file": unpacked.files[case].name}
+            for case in converted
+        ]
         params = {"source": "upload", "label_values": label_values, "nsd_tolerance_mm": nsd_tolerance_mm,
                   "cases": cases, "missing_cases": missing, "skipped_files": unpacked.skipped[:100]}
         row = _new_row(session, dataset, params, principal)
         try:
             for case in cases:
-                case["prediction_key"] = f"evaluations/{row.id}/predictions/{case['case_id']}.nii.gz"
-                storage.put_file(case["prediction_key"], converted[case["case_id"]])
+                key = f"evaluations/{row.id}/predictions/{case['case_id']}.nii.gz"
+                case["prediction_key"] = key
+                storage.put_file(key, converted[str(case["case_id"])])
         except BaseException:
             storage.delete_prefix(f"evaluations/{row.id}")
             raise
