@@ -77,7 +77,7 @@ def dice_table(pred: np.ndarray, ref: np.ndarray, prompted: list[int]) -> list[t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=0, help="limit to the first N prompted slices (0 = all)")
+    parser.add_argument("--slices", type=int, default=0, help="limit to N prompted slices, evenly spread (0 = all)")
     parser.add_argument("--naive-slices", type=int, default=6, help="slices for the naive comparison")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -99,7 +99,10 @@ def main() -> None:
     prompts: dict[int, list[PromptIn]] = {}
     for b in crowd.boxes:
         prompts.setdefault(b.k, []).append(PromptIn(f"annotator{b.annotator}", b.label, "box", b.box))
-    slices = sorted(prompts)[: args.slices or None]
+    slices = sorted(prompts)
+    if args.slices and args.slices < len(slices):  # evenly spread over the organ range, not its first slices
+        picks = np.linspace(0, len(slices) - 1, args.slices).round().astype(int)
+        slices = [slices[i] for i in sorted(set(picks.tolist()))]
     prompts = {k: prompts[k] for k in slices}
     n_boxes = sum(len(v) for v in prompts.values())
 
