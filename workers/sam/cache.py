@@ -109,7 +109,7 @@ class ArrayCache:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **record)
+                np.savez(handle, **record)  # type: ignore[arg-type]
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -98,7 +98,8 @@ def fuse_slice(items: list[tuple[str, str]], probs: npt.NDArray[np.float32], mas
     for index, (label, annotator) in enumerate(items):
         by_label[label][annotator].append(index)
     labels = sorted(by_label, key=lambda name: (label_values[name], name))
-    fused_masks, confidences, stats = [], [], {}
+    fused_masks, confidences = [], []
+    stats: dict[str, dict[str, object]] = {}
     for label in labels:
         annotators = sorted(by_label[label])
         own_masks = [fusion.unite([masks[i] for i in by_label[label][a]]) for a in annotators]
@@ -207,10 +208,10 @@ class SegmentationEngine:
         window = (float(window[0]), float(window[1]))
         n_slices = canonical.shape[2]
         todo = {int(k): list(v) for k, v in prompts.items() if v}
-        for k, items in todo.items():
+        for k, given in todo.items():
             if not 0 <= k < n_slices:
                 raise ValueError(f"slice {k} is outside the volume (0..{n_slices - 1})")
-            for p in items:
+            for p in given:
                 if p.label not in label_values:
                     raise ValueError(f"slice {k}: label {p.label!r} is not one of {sorted(label_values)}")
                 _validate(p, k)

@@ -48,7 +48,7 @@ def build_litemedsam() -> Sam:
         transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
         transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
     )
-    sam = Sam(encoder, PromptEncoder(256, (64, 64), (256, 256), 16), decoder,  # type: ignore[arg-type]
+    sam = Sam(encoder, PromptEncoder(256, (64, 64), (256, 256), 16), decoder,
               pixel_mean=[0.0, 0.0, 0.0], pixel_std=[255.0, 255.0, 255.0])
     return sam.eval()
 
@@ -65,7 +65,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def load_model(name: str, *, device: str | torch.device = "cpu", checkpoint_dir: Path | None = None) -> LoadedModel:
