@@ -135,22 +135,35 @@ def test_sigkill_mid_job_leaves_no_mask_and_the_retry_finishes_with_the_clean_ma
     assert recovered == client.get(f"/api/v1/segmentations/{clean}/mask", headers=headers).content
 
 
-@pytest.mark.parametrize("alive", [True, False])
-def test_only_a_dead_schedulers_lock_is_released(alive: bool) -> None:
+@pytest.mark.parametrize("state", ["alive", "gone", "zombie"])
+def test_only_a_dead_schedulers_lock_is_released(state: str) -> None:
+    """A crashed scheduler's lock is freed at worker start (also when the killed process is an
+    unreaped zombie, as after SIGKILL of a whole worker process group); a live one's is kept."""
     import socket
 
     from app.core.redis import get_queue
     from workers.run import release_dead_scheduler_locks
 
-    if alive:
+    child = None
+    if state == "alive":
         pid = os.getpid()
     else:
-        finished = subprocess.Popen(["true"])
-        finished.wait()
-        pid = finished.pid
-    redis = get_redis()
-    redis.set("rq:scheduler-lock:sam", "sched-1", ex=60)
-    redis.hset("rq:scheduler:sched-1", mapping={"name": "sched-1", "hostname": socket.gethostname(), "pid": pid})
-    released = release_dead_scheduler_locks([get_queue("sam")])
-    assert released == ([] if alive else ["sam"])
-    assert (redis.get("rq:scheduler-lock:sam") is not None) is alive
+        child = subprocess.Popen(["true"])
+        pid = child.pid
+        if state == "gone":
+            child.wait()
+        else:  # exited but not yet reaped
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+    try:
+        redis = get_redis()
+        redis.set("rq:scheduler-lock:sam", "sched-1", ex=60)
+        redis.hset("rq:scheduler:sched-1", mapping={"name": "sched-1", "hostname": socket.gethostname(), "pid": pid})
+        released = release_dead_scheduler_locks([get_queue("sam")])
+        assert released == ([] if state == "alive" else ["sam"])
+        assert (redis.get("rq:scheduler-lock:sam") is not None) is (state == "alive")
+    finally:
+        if child is not None:
+            child.wait()

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -36,16 +37,25 @@ log = logging.getLogger("crowdsam.worker")
 
 
 def _process_dead(fields: dict[str, str]) -> bool:
-    """True when ``fields`` (an RQ worker/scheduler hash) name a process on this host that is gone."""
+    """True when ``fields`` (an RQ worker/scheduler hash) name a process on this host that is gone.
+
+    A killed process whose parent died too may linger as a zombie until init reaps it (some
+    container inits never do): a zombie counts as dead.
+    """
     if fields.get("hostname") != socket.gethostname() or not fields.get("pid", "").isdigit():
         return False
+    pid = int(fields["pid"])
     try:
-        os.kill(int(fields["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
 
 
 def _hash(connection: Redis, key: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
@@ -44,6 +44,17 @@ class SegmentationRepository:
         if labels is not None:
             stmt = stmt.where(Prompt.label.in_(list(labels)))
         return self.session.scalars(stmt.order_by(Prompt.slice_index, Prompt.label, Prompt.annotator, Prompt.id)).all()
+
+    def prompt_summary(self, volume_id: int, labels: Sequence[str] | None = None) -> tuple[list[str], int]:
+        """(labels that have prompts, number of distinct prompted slices) without loading the prompts."""
+        stmt = select(Prompt.label).distinct().where(Prompt.volume_id == volume_id)
+        if labels is not None:
+            stmt = stmt.where(Prompt.label.in_(list(labels)))
+        used = sorted(self.session.scalars(stmt).all())
+        slices = select(func.count(distinct(Prompt.slice_index))).where(Prompt.volume_id == volume_id)
+        if labels is not None:
+            slices = slices.where(Prompt.label.in_(list(labels)))
+        return used, int(self.session.scalar(slices) or 0)
 
     def prompted_labels(self, volume_id: int) -> list[str]:
         return sorted(

@@ -69,13 +69,11 @@ class _Plan:
 def _plan(repo: SegmentationRepository, volume: Volume, dataset: Dataset, labels: Sequence[str] | None) -> _Plan:
     if labels is not None:
         _check_labels(dataset, labels)
-    prompts = repo.prompts(volume.id, labels)
-    if not prompts:
+    used, n_slices = repo.prompt_summary(volume.id, labels)
+    if not used:
         which = f" for labels {list(labels)}" if labels is not None else ""
         raise Invalid(f"volume {volume.id} has no prompts{which}: post boxes or points first")
-    used = sorted({p.label for p in prompts if p.label in dataset.labels})
-    chosen = list(labels) if labels is not None else used
-    n_slices = len({p.slice_index for p in prompts if p.label in chosen})
+    chosen = list(labels) if labels is not None else [name for name in used if name in dataset.labels]
     return _Plan(chosen, n_slices)
 
 
