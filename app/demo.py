@@ -108,7 +108,8 @@ def _upload(api: httpx.Client, dataset_id: int, case_id: str, image: Path, refer
     with image.open("rb") as img, reference.open("rb") as ref:
         response = api.post(
             f"/api/v1/datasets/{dataset_id}/volumes",
-            files={"image": (image.name, img, "application/gzip"), "reference": (reference.name, ref, "application/gzip")},
+            files={"image": (image.name, img, "application/gzip"),
+                   "reference": (reference.name, ref, "application/gzip")},
             data={"case_id": case_id, "reference_map": json.dumps(TOTALSEG_MAP), "reference_other": "background"},
             timeout=120,
         )
