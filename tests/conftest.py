@@ -30,12 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
     embedded = ROOT / "var" / "test-services"
     server = services.postgres_server_url(embedded)
     url = services.create_database(server)
-    redis_url = services.redis_test_url(services.redis_server_url(embedded))
+    redis_base = services.redis_server_url(embedded)
+    redis_url, redis_claim = services.claim_redis_db(redis_base)
     os.environ["DATABASE_URL"] = url
     os.environ["REDIS_URL"] = redis_url
     os.environ["CROWDSAM_DATA_DIR"] = str(base / "data")
     os.environ.pop("CROWDSAM_STORAGE_URL", None)
-    config._crowdsam = (server, url, base)  # type: ignore[attr-defined]
+    config._crowdsam = (server, url, base, redis_base, redis_claim)  # type: ignore[attr-defined]
 
     from app import migrate
 
@@ -46,12 +47,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = getattr(config, "_crowdsam", None)
     if state is None:
         return
-    server, url, base = state
+    server, url, base, redis_base, redis_claim = state
     from app.core.db import get_engine
+    from app.core.redis import get_redis
     from tests import services
 
     get_engine().dispose()
     services.drop_database(server, url)
+    get_redis().flushdb()
+    services.release_redis_db(redis_base, redis_claim)
     shutil.rmtree(base, ignore_errors=True)
 
 

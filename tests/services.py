@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
@@ -70,14 +71,28 @@ def drop_database(server_url: str, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def redis_test_url(base_url: str) -> str:
-    """A Redis db of its own for this session (db 1..15 by pid on a shared server)."""
+REDIS_CLAIM_TTL_S = 6 * 3600
+
+
+def claim_redis_db(base_url: str) -> tuple[str, str | None]:
+    """A Redis db of this session's own: claimed atomically (SET NX in db 0) so concurrent sessions
+    on a shared server never flush each other's queues. Returns (url, claim key)."""
+    client = redis.Redis.from_url(base_url)
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    for db in range(1, 16):
+        key = f"crowdsam-tests:db:{db}"
+        if client.set(key, token, nx=True, ex=REDIS_CLAIM_TTL_S):
+            return _with_db(base_url, db), key
+    raise RuntimeError("no free Redis db (1..15) for this test session; stale claims expire after 6 h")
+
+
+def release_redis_db(base_url: str, key: str | None) -> None:
+    if key is not None:
+        redis.Redis.from_url(base_url).delete(key)
+
+
+def _with_db(base_url: str, db: int) -> str:
     if base_url.startswith("unix://"):
-        return base_url + "?db=1"
-    db = 1 + os.getpid() % 15
-    return str(make_url_redis(base_url, db))
-
-
-def make_url_redis(base_url: str, db: int) -> str:
-    head, _, _tail = base_url.rpartition("/")
-    return f"{head}/{db}" if head.startswith("redis") and head.count("/") >= 2 else f"{base_url.rstrip('/')}/{db}"
+        return f"{base_url.split('?', 1)[0]}?db={db}"
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
