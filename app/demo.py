@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -93,15 +94,15 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("API did not become ready in 60 s")
 
 
-def _dataset(api: httpx.Client) -> dict:  # type: ignore[type-arg]
+def _dataset(api: httpx.Client) -> dict[str, Any]:
     for existing in api.get("/api/v1/datasets").raise_for_status().json():
         if existing["name"] == "demo-abdomen":
-            return existing  # type: ignore[no-any-return]
+            return existing
     body = {"name": "demo-abdomen", "labels": LABELS, "window": {"level": 40, "width": 400}}
-    return api.post("/api/v1/datasets", json=body).raise_for_status().json()  # type: ignore[no-any-return]
+    return api.post("/api/v1/datasets", json=body).raise_for_status().json()
 
 
-def _upload(api: httpx.Client, dataset_id: int, case_id: str, image: Path, reference: Path) -> dict:  # type: ignore[type-arg]
+def _upload(api: httpx.Client, dataset_id: int, case_id: str, image: Path, reference: Path) -> dict[str, Any]:
     for existing in api.get(f"/api/v1/datasets/{dataset_id}/volumes").raise_for_status().json():
         if existing["case_id"] == case_id:
             api.delete(f"/api/v1/volumes/{existing['id']}").raise_for_status()
@@ -114,10 +115,10 @@ def _upload(api: httpx.Client, dataset_id: int, case_id: str, image: Path, refer
             timeout=120,
         )
     response.raise_for_status()
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
-def _print_volume(volume: dict) -> None:  # type: ignore[type-arg]
+def _print_volume(volume: dict[str, Any]) -> None:
     table = Table(title=f"volume {volume['id']} — case {volume['case_id']}")
     table.add_column("field")
     table.add_column("value")

@@ -7,7 +7,8 @@
      ├── NotFound        404
      ├── Conflict        409
      ├── PayloadTooLarge 413
-     └── Invalid         422   (input understood but not acceptable)
+     ├── Invalid         422   (input understood but not acceptable)
+     └── ServiceUnavailable 503 (a backing service — Redis, the queue — is unreachable)
 """
 
 from __future__ import annotations
@@ -53,3 +54,7 @@ class PayloadTooLarge(CrowdsamError):
 
 class Invalid(CrowdsamError):
     status_code = 422
+
+
+class ServiceUnavailable(CrowdsamError):
+    status_code = 503

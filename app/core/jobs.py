@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from app.core.errors import ServiceUnavailable
 
 
 class JobStatus(enum.StrEnum):
@@ -28,3 +31,19 @@ class JobMixin:
     created_by: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+def commit_and_enqueue(session: Session, rows: Sequence[JobMixin], enqueue: Callable[[], None]) -> None:
+    """Commit job rows first (the worker must find them), then enqueue.
+
+    When the queue is unreachable the rows are marked failed with the reason and the caller gets 503.
+    """
+    session.commit()
+    try:
+        enqueue()
+    except Exception as exc:
+        for row in rows:
+            row.status = JobStatus.failed
+            row.error = f"could not enqueue the job: {exc}"
+        session.commit()
+        raise ServiceUnavailable("the job queue is unavailable; the request was recorded as failed") from exc

@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 
 from app.core.db import SessionDep
 from app.core.errors import Invalid
+from app.core.jobs import commit_and_enqueue
 from app.core.security import Principal, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -84,8 +85,7 @@ async def create_evaluation(dataset_id: int, request: Request, session: SessionD
 
 
 def _commit_and_enqueue(session: SessionDep, row: Evaluation) -> Evaluation:
-    session.commit()
-    service.enqueue(row)
+    commit_and_enqueue(session, [row], lambda: service.enqueue(row))
     return row
 
 

@@ -6,8 +6,7 @@ from fastapi import APIRouter, status
 from fastapi.responses import StreamingResponse
 
 from app.core.db import SessionDep
-from app.core.errors import CrowdsamError
-from app.core.jobs import JobStatus
+from app.core.jobs import commit_and_enqueue
 from app.core.security import Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -23,14 +22,7 @@ def create_export(dataset_id: int, body: ExportCreate, session: SessionDep, prin
     """Queue an nnU-Net v2 raw dataset export (checked completely before it is queued)."""
     dataset = DatasetRepository(session).get(dataset_id)
     row = service.create_export(session, dataset, body, principal)
-    session.commit()
-    try:
-        service.enqueue(row)
-    except Exception as exc:
-        row.status = JobStatus.failed
-        row.error = f"could not enqueue: {exc}"
-        session.commit()
-        raise CrowdsamError(f"export {row.id} could not be queued") from exc
+    commit_and_enqueue(session, [row], lambda: service.enqueue(row))
     return service.to_out(row)
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
 from app.core.errors import Conflict, Invalid
-from app.core.jobs import JobStatus
+from app.core.jobs import JobStatus, commit_and_enqueue
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -29,19 +29,6 @@ def list_models(_: Anyone) -> list[ModelOut]:
     return service.list_models()
 
 
-def _commit_and_enqueue(session: Session, rows: Sequence[Segmentation]) -> None:
-    """The worker must find the rows: commit first, then enqueue; a failed enqueue fails the rows."""
-    session.commit()
-    try:
-        service.enqueue(rows)
-    except Exception as exc:
-        for row in rows:
-            row.status = JobStatus.failed
-            row.error = f"could not enqueue the job: {exc}"
-        session.commit()
-        raise
-
-
 @router.post(
     "/volumes/{volume_id}/segmentations", response_model=SegmentationOut, status_code=status.HTTP_202_ACCEPTED
 )
@@ -52,7 +39,7 @@ def create_segmentation(
     volume = VolumeRepository(session).get(volume_id)
     dataset = DatasetRepository(session).get(volume.dataset_id)
     row = service.create(session, volume, dataset, body, principal)
-    _commit_and_enqueue(session, [row])
+    commit_and_enqueue(session, [row], lambda: service.enqueue([row]))
     return service.to_out(row)
 
 
@@ -68,7 +55,7 @@ def create_dataset_segmentations(
     dataset = DatasetRepository(session).get(dataset_id)
     volumes = VolumeRepository(session).list_for_dataset(dataset_id)
     rows, skipped = service.create_for_dataset(session, dataset, volumes, body, principal)
-    _commit_and_enqueue(session, rows)
+    commit_and_enqueue(session, rows, lambda: service.enqueue(rows))
     return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
 
 
