@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
+from app.imaging.coords import display_slice, mask_bbox_display
 from tests.browser.harness import LAPTOP, TABLET, chromium, live_server
-from tests.conftest import ARTIFACTS, ROOT
+from tests.conftest import ARTIFACTS, CT_DIR, ROOT
 
 pytestmark = pytest.mark.browser
 
@@ -62,6 +64,14 @@ def shot(page, name: str, *, doc: bool = False) -> Path:  # type: ignore[no-unty
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     return path
+
+
+def reference_box(k: int, value: int) -> tuple[float, float, float, float]:
+    """Tight display box of reference label ``value`` on slice ``k`` of example_ct_sm (RAS on disk)."""
+    seg = np.asarray(nib.as_closest_canonical(nib.load(CT_DIR / "example_seg.nii.gz")).dataobj)
+    box = mask_bbox_display(display_slice(seg, k) == value)
+    assert box is not None, f"label {value} absent from slice {k}"
+    return box
 
 
 def open_annotate(page, server: str, token: str, dataset_id: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -129,26 +139,30 @@ def test_annotator_draws_moves_resizes_and_submits_boxes_in_display_pixels(
     screen = Screen(page, sm_volume["display_size"])
     assert screen.scale > 3, "the slice must be shown at a different scale than its pixels"
 
-    # first organ by label value is preselected; draw a spleen box
+    # first organ by label value is preselected; draw a spleen box around the real spleen of this slice
     assert page.locator("input[name=organ]:checked").get_attribute("value") == "spleen"
-    spleen = [20.5, 15.25, 60.75, 50.5]
+    spleen_ref, liver_ref = reference_box(k, 1), reference_box(k, 5)
+    spleen = [spleen_ref[0] - 0.5, spleen_ref[1] - 0.75, spleen_ref[2] + 0.75, spleen_ref[3] + 0.5]
     draw(page, screen, spleen)
     # number key 4 → liver (labels sorted by value: spleen, kidney_right, kidney_left, liver, aorta)
     page.keyboard.press("4")
     assert page.locator("input[name=organ]:checked").get_attribute("value") == "liver"
-    draw(page, screen, [65, 30, 105, 80])
-    # move it by (+5, +3) from its middle, then drag its bottom-right corner to (114, 90)
-    drag(page, screen.point(85, 55), screen.point(90, 58))
-    drag(page, screen.point(110, 83), screen.point(114, 90))
-    liver = [70, 33, 114, 90]
-    # a third box, deleted again with the Delete key
+    x0, y0, x1, y1 = liver_ref
+    first = [x0 - 5, y0 - 3, x1 - 9, y1 - 10]
+    draw(page, screen, first)
+    # move it by (+5, +3) from its middle, then drag its bottom-right corner onto the liver's
+    middle = ((first[0] + first[2]) / 2, (first[1] + first[3]) / 2)
+    drag(page, screen.point(*middle), screen.point(middle[0] + 5, middle[1] + 3))
+    drag(page, screen.point(x1 - 4, y1 - 7), screen.point(x1, y1))
+    liver = list(liver_ref)
+    # a third box outside the body, deleted again with the Delete key
     page.keyboard.press("5")
-    draw(page, screen, [5, 70, 20, 95])
+    draw(page, screen, [2, 2, 12, 10])
     assert page.locator("#box-list li").count() == 3
     page.keyboard.press("Delete")
     assert page.locator("#box-list li").count() == 2
     # a click-sized drag is not a box
-    drag(page, screen.point(30, 80), screen.point(30.2, 80.2))
+    drag(page, screen.point(115, 5), screen.point(115.2, 5.2))
     assert page.locator("#box-list li").count() == 2
     shot(page, "annotate-laptop", doc=True)
 
