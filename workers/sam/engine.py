@@ -32,7 +32,7 @@ from workers.sam.cache import ArrayCache, make_key
 from workers.sam.decode import DecodePrompt, decode, encode
 from workers.sam.models import LoadedModel, load_model
 
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"  # bump when decoded masks may change (2: CPU decoding in chunks)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
