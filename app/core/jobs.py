@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import DateTime, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -47,3 +48,18 @@ def commit_and_enqueue(session: Session, rows: Sequence[JobMixin], enqueue: Call
             row.error = f"could not enqueue the job: {exc}"
         session.commit()
         raise ServiceUnavailable("the job queue is unavailable; the request was recorded as failed") from exc
+
+
+class DatasetJobOut(BaseModel):
+    """Fields every dataset-level job (export, evaluation) shows in the API."""
+
+    id: int
+    dataset_id: int
+    status: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    error: str | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

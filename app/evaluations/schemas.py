@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.jobs import DatasetJobOut
 
 CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_prompted_slices", "slice_dice_mean"]
 METRIC_KEYS: dict[str, str] = {
@@ -30,17 +31,7 @@ class CompareRequest(BaseModel):
     metric: CompareMetric = "dice"
 
 
-class EvaluationOut(BaseModel):
-    id: int
-    dataset_id: int
-    status: str
-    params: dict[str, Any]
-    progress: dict[str, Any]
-    error: str | None
-    created_by: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+class EvaluationOut(DatasetJobOut):
     result: dict[str, Any] | None = Field(
         default=None,
         description="per case and label Dice, IoU, TP, FP, FN, TN, n_pred, n_ref, NSD, HD95 (null = NaN), "

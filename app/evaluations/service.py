@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rq import Retry
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.jobs import JobStatus
-from app.core.redis import get_queue
+from app.core.redis import enqueue_job
 from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets.models import Dataset
@@ -170,16 +169,8 @@ def job_id(evaluation_id: int) -> str:
 
 
 def enqueue(row: Evaluation) -> None:
-    get_queue(QUEUE).enqueue(
-        JOB_FUNC,
-        row.id,
-        job_id=job_id(row.id),
-        job_timeout=get_settings().job_timeout_s,
-        retry=Retry(max=2, interval=[5, 30]),
-        result_ttl=24 * 3600,
-        failure_ttl=7 * 24 * 3600,
-        description=f"evaluation {row.id} of dataset {row.dataset_id}",
-    )
+    enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=(5, 30),
+                description=f"evaluation {row.id} of dataset {row.dataset_id}")
 
 
 def finished_result(row: Evaluation) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.core.jobs import DatasetJobOut
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -39,18 +40,8 @@ class ExportFile(BaseModel):
     sha256: str
 
 
-class ExportOut(BaseModel):
-    id: int
-    dataset_id: int
+class ExportOut(DatasetJobOut):
     format: str
-    status: str
-    params: dict[str, Any]
-    progress: dict[str, Any]
-    error: str | None
-    created_by: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
     folder: str | None = Field(default=None, description="DatasetXXX_Name")
     files: list[ExportFile] | None = None
     archive: ExportFile | None = Field(default=None, description="the .tar.gz (GET .../archive)")

@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rq import Retry
 from sqlalchemy.orm import Session
 
-from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
 from app.core.jobs import JobStatus
-from app.core.redis import get_queue
+from app.core.redis import enqueue_job
 from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.exports.models import Export
@@ -112,16 +110,8 @@ def job_id(export_id: int) -> str:
 
 def enqueue(row: Export) -> None:
     """Put a committed export on the ``cpu`` queue by dotted path."""
-    get_queue(QUEUE).enqueue(
-        JOB_FUNC,
-        row.id,
-        job_id=job_id(row.id),
-        job_timeout=get_settings().job_timeout_s,
-        retry=Retry(max=2, interval=[5, 30]),
-        result_ttl=24 * 3600,
-        failure_ttl=7 * 24 * 3600,
-        description=f"nnU-Net export {row.id} of dataset {row.dataset_id}",
-    )
+    enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=(5, 30),
+                description=f"nnU-Net export {row.id} of dataset {row.dataset_id}")
 
 
 def archive_key(row: Export) -> str:

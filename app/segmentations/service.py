@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rq import Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from sqlalchemy.orm import Session
@@ -18,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
 from app.core.jobs import JobStatus
-from app.core.redis import get_queue, get_redis
+from app.core.redis import enqueue_job, get_redis
 from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.segmentations.models import Segmentation
@@ -126,19 +125,9 @@ def _check_labels(dataset: Dataset, labels: Sequence[str]) -> None:
 
 def enqueue(rows: Sequence[Segmentation]) -> None:
     """Put committed rows on the ``sam`` queue (by dotted path: the API never imports torch)."""
-    queue = get_queue(QUEUE)
-    settings = get_settings()
     for row in rows:
-        queue.enqueue(
-            JOB_FUNC,
-            row.id,
-            job_id=job_id(row.id),
-            job_timeout=settings.job_timeout_s,
-            retry=Retry(max=len(RETRY_INTERVALS), interval=RETRY_INTERVALS),
-            result_ttl=24 * 3600,
-            failure_ttl=7 * 24 * 3600,
-            description=f"segmentation {row.id} of volume {row.volume_id} ({row.model})",
-        )
+        enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=RETRY_INTERVALS,
+                    description=f"segmentation {row.id} of volume {row.volume_id} ({row.model})")
 
 
 def cancel(session: Session, segmentation_id: int) -> Segmentation:
