@@ -19,8 +19,9 @@ demo: install
 	$(PY) -m app.demo
 
 # Headless Chromium for the browser tests (tests/test_web_browser.py): Debian's package.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
 test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
