@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.core.db import session_scope
-from app.core.storage import Storage, get_storage
+from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.evaluations.models import Evaluation
 from app.imaging.coords import Orientation
@@ -46,19 +46,12 @@ def _load_labels(storage: Storage, key: str) -> npt.NDArray[np.int32]:
         return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
 
 
-class EvaluationRunner:
-    def __init__(self, evaluation_id: int, storage: Storage | None = None) -> None:
-        self.evaluation_id = evaluation_id
-        self.storage = storage or get_storage()
+class EvaluationRunner(jobrun.RowJob):
+    model = Evaluation
 
-    def run(self) -> dict[str, Any]:
-        if not jobrun.start(Evaluation, self.evaluation_id):
-            return {"skipped": True}
-        try:
-            return self._run()
-        except BaseException as exc:
-            jobrun.fail(Evaluation, self.evaluation_id, exc)
-            raise
+    @property
+    def evaluation_id(self) -> int:
+        return self.row_id
 
     def _run(self) -> dict[str, Any]:
         with session_scope() as session:

@@ -17,7 +17,6 @@ import numpy as np
 from sqlalchemy import select
 
 from app.core.db import session_scope
-from app.core.storage import Storage, get_storage
 from app.datasets.models import Dataset
 from app.exports.models import Export
 from app.prompts.models import SliceView
@@ -27,19 +26,12 @@ from workers import jobrun
 from workers.nnunet import CaseInput, make_archive, manifest, sha256_file, write_dataset
 
 
-class ExportRunner:
-    def __init__(self, export_id: int, storage: Storage | None = None) -> None:
-        self.export_id = export_id
-        self.storage = storage or get_storage()
+class ExportRunner(jobrun.RowJob):
+    model = Export
 
-    def run(self) -> dict[str, Any]:
-        if not jobrun.start(Export, self.export_id):
-            return {"skipped": True}
-        try:
-            return self._run()
-        except BaseException as exc:
-            jobrun.fail(Export, self.export_id, exc)
-            raise
+    @property
+    def export_id(self) -> int:
+        return self.row_id
 
     def _run(self) -> dict[str, Any]:
         with session_scope() as session:

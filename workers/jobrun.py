@@ -10,6 +10,7 @@ from sqlalchemy import update
 
 from app.core.db import session_scope
 from app.core.jobs import JobStatus
+from app.core.storage import Storage, get_storage
 
 
 def start(model: Any, row_id: int) -> bool:
@@ -55,3 +56,28 @@ def fail(model: Any, row_id: int, exc: BaseException) -> None:
         )
         session.commit()
     traceback.print_exception(exc)
+
+
+class RowJob:
+    """A job over one row of ``model``: marks it running, runs ``_run``, records any failure.
+
+    Subclasses set ``model`` and implement ``_run``; ``row_id`` and ``storage`` are set here.
+    """
+
+    model: Any
+
+    def __init__(self, row_id: int, storage: Storage | None = None) -> None:
+        self.row_id = row_id
+        self.storage = storage or get_storage()
+
+    def run(self) -> dict[str, Any]:
+        if not start(self.model, self.row_id):
+            return {"skipped": True}
+        try:
+            return self._run()
+        except BaseException as exc:
+            fail(self.model, self.row_id, exc)
+            raise
+
+    def _run(self) -> dict[str, Any]:
+        raise NotImplementedError

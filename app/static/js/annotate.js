@@ -1,6 +1,6 @@
 // The crowd annotation page: get a slice from GET /api/v1/tasks/next, draw boxes, submit them.
 import { Api, API, ApiError, describe } from './api.js';
-import { bindLoginForm, clearToken, takeToken } from './auth.js';
+import { bindLoginForm, clearToken, showLogin, takeToken } from './auth.js';
 import { CURSORS, clampBox, dragBox, hitTest, normalize, roundBox } from './geometry.js';
 import { Outbox, ownerTag } from './outbox.js';
 import { uuid } from './uuid.js';
@@ -36,13 +36,6 @@ view.onChange(() => {
 
 // ---------------------------------------------------------------- sign-in and start-up
 
-function showLogin(message = '') {
-  $('login').hidden = false;
-  $('workspace').hidden = true;
-  $('logout').hidden = true;
-  $('login-error').textContent = message;
-  $('token-input').focus();
-}
 
 async function start(token) {
   state.api = new Api(token);

@@ -33,3 +33,13 @@ export function bindLoginForm(form, input, onToken) {
     onToken(value);
   });
 }
+
+/** Show the sign-in form (elements #login, #workspace, #logout, #login-error, #token-input). */
+export function showLogin(message = '') {
+  const $ = (id) => document.getElementById(id);
+  $('login').hidden = false;
+  $('workspace').hidden = true;
+  $('logout').hidden = true;
+  $('login-error').textContent = message;
+  $('token-input').focus();
+}

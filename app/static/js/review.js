@@ -1,6 +1,6 @@
 // The researcher review page: scroll a volume's slices with the crowd's boxes and a SAM mask overlaid.
 import { Api, ApiError, describe } from './api.js';
-import { bindLoginForm, clearToken, takeToken } from './auth.js';
+import { bindLoginForm, clearToken, showLogin, takeToken } from './auth.js';
 import { labelColor } from '/static/palette.js';
 import { View } from './view.js';
 
@@ -61,13 +61,6 @@ function setStatus(text, isError = false) {
 
 // ---------------------------------------------------------------- sign-in and loading
 
-function showLogin(message = '') {
-  $('login').hidden = false;
-  $('workspace').hidden = true;
-  $('logout').hidden = true;
-  $('login-error').textContent = message;
-  $('token-input').focus();
-}
 
 async function start(token) {
   state.api = new Api(token);
