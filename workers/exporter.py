@@ -17,13 +17,14 @@ import numpy as np
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.core.storage import sha256_file
 from app.datasets.models import Dataset
 from app.exports.models import Export
 from app.prompts.models import SliceView
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 from workers import jobrun
-from workers.nnunet import CaseInput, make_archive, manifest, sha256_file, write_dataset
+from workers.nnunet import CaseInput, make_archive, manifest, write_dataset
 
 
 class ExportRunner(jobrun.RowJob):

@@ -17,7 +17,6 @@ Nothing here touches the database: the export job gathers the inputs and calls :
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 import tarfile
@@ -30,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from app.core.storage import sha256_file
 from app.imaging.coords import Orientation
 
 FILE_ENDING = ".nii.gz"
@@ -207,14 +207,6 @@ def _write_case(folder: Path, case: CaseInput, mapping: LabelMapping) -> dict[st
     label_dir.mkdir(exist_ok=True)
     write_label_like(labels, image, label_dir / f"{case.case_id}{FILE_ENDING}")
     return info
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest(folder: Path) -> list[dict[str, Any]]:

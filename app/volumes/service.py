@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
-from app.core.storage import Storage
+from app.core.storage import Storage, sha256_file
 from app.datasets.models import Dataset
 from app.imaging.coords import Orientation, orientation_codes
 from app.imaging.nifti import LoadedNifti, load_nifti, same_geometry, save_label_map
@@ -64,14 +63,6 @@ def _check_filename(upload: UploadedFile, what: str) -> None:
     name = upload.filename.lower()
     if not name.endswith(NIFTI_SUFFIXES):
         raise Invalid(f"{what}: file name {upload.filename!r} must end in .nii or .nii.gz")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remap_reference(
@@ -187,7 +178,7 @@ def _volume_row(
         affine=loaded.affine.tolist(),
         orientation=orientation_codes(loaded.affine),
         dtype=str(loaded.image.header.get_data_dtype()),
-        sha256=_sha256(image.path),
+        sha256=sha256_file(image.path),
         size_bytes=image.path.stat().st_size,
         reference_labels=ref_labels[1] if ref_labels else None,
     )
