@@ -19,8 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     CROWDSAM_DATA_DIR=/data \
-    CROWDSAM_CHECKPOINT_DIR=/checkpoints \
-    OMP_WAIT_POLICY=ACTIVE
+    CROWDSAM_CHECKPOINT_DIR=/checkpoints
 RUN groupadd --system --gid 10001 crowdsam \
  && useradd --system --uid 10001 --gid crowdsam --home-dir /app --shell /usr/sbin/nologin crowdsam \
  && mkdir -p /app /data /checkpoints \

@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export OMP_WAIT_POLICY ?= ACTIVE
+# The whole pytest run's hard limit (CI allows 90 min): SIGTERM makes pytest dump every thread's stack.
+# pytest itself stops after 45 min (session_timeout) and bounds every test (tests/conftest.py).
+TEST_TIME_LIMIT ?= 50m
 
 .PHONY: install browser demo test lint bench serve worker clean
 
@@ -24,7 +26,7 @@ browser:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	timeout --signal=TERM --kill-after=60 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app workers tests bench

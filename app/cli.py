@@ -7,12 +7,19 @@ import os
 import typer
 
 from app.auth.models import Role
+from app.core.runtime import configure_process
 
 app = typer.Typer(help="crowdsam: crowd boxes on CT → SAM organ masks", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic)", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+
+
+@app.callback()
+def start_up() -> None:
+    """Process policy for every command: child processes are spawned, never forked (app.core.runtime)."""
+    configure_process()
 
 
 @app.command()

@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -29,13 +28,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
-
-import nibabel as nib
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from app.core.runtime import configure_process  # noqa: E402
+
+configure_process(runs_models=True)  # before torch loads OpenMP
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
 
 from app.imaging.coords import Orientation  # noqa: E402
 from app.prompts.simulate import simulate_crowd  # noqa: E402

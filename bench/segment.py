@@ -17,9 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from app.core.runtime import configure_process  # noqa: E402
+
+configure_process(runs_models=True)  # before torch loads OpenMP
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -117,7 +120,7 @@ def main() -> None:
             engine.encode(warm, WINDOW)
         sync(device)
         print(f"device={device} threads={torch.get_num_threads()} precision={engine.precision} "
-              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} "
               f"gpu={torch.cuda.get_device_name(0) if device.type == 'cuda' else '-'}")
         print(f"volume {canonical.shape}, {len(slices)} prompted slices, {n_boxes} boxes from "
               f"{args.annotators} simulated annotators (jitter {args.jitter}), model load {load_s:.2f} s")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from app.core.runtime import configure_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -16,7 +20,51 @@ CT_DIR = SAMPLES / "totalsegmentator"
 SEED_DIR = SAMPLES / "seed"
 ARTIFACTS = ROOT / "test-artifacts"
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+# This process runs LiteMedSAM in-process: spawn children, bounded OpenMP spinning, before torch loads.
+configure_process(runs_models=True)
+
+# Per-test limits by marker (the largest applies); a test's own @pytest.mark.timeout wins.
+# pytest-timeout (signal method) fails the test with every thread's stack and the session goes on;
+# if the main thread cannot run Python code (stuck in C), faulthandler's C watchdog dumps every
+# thread's stack and ends the process HARD_STOP_GRACE_S later.
+TIMEOUT_S = {"slow": 1200, "model": 600, "browser": 300}
+FAST_TIMEOUT_S = 120
+HARD_STOP_GRACE_S = 60
+
+
+def timeout_for(item: pytest.Item) -> float:
+    explicit = item.get_closest_marker("timeout")
+    if explicit is not None and explicit.args:
+        return float(explicit.args[0])
+    return max([FAST_TIMEOUT_S] + [s for name, s in TIMEOUT_S.items() if item.get_closest_marker(name)])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(timeout_for(item)))
+
+
+def _stderr_fd(config: pytest.Config) -> int:
+    """The terminal's stderr (pytest's faulthandler plugin keeps a dup that output capture does not touch)."""
+    from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+    return config.stash.get(fault_handler_stderr_fd_key, 2)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`make test` runs under `timeout`: its SIGTERM dumps every thread's stack before the process ends."""
+    faulthandler.register(signal.SIGTERM, file=_stderr_fd(session.config), all_threads=True, chain=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    faulthandler.dump_traceback_later(timeout_for(item) + HARD_STOP_GRACE_S, exit=True,
+                                      file=_stderr_fd(item.config))
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_configure(config: pytest.Config) -> None:

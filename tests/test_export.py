@@ -6,6 +6,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -47,17 +50,26 @@ def extract_archive(client, tokens, export: dict, target: Path) -> Path:  # type
     return target / export["folder"]
 
 
-def verify_with_nnunet(folder: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """nnU-Net's own check; it only *prints* geometry warnings, so its output is checked too."""
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(folder.parent / var))
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+# nnU-Net's integrity check starts a multiprocessing Pool (12 processes by default, fork start
+# method) in create_lists_from_splitted_dataset_folder; forked from this threaded test process it can
+# deadlock. It runs in a fresh interpreter that spawns its children, under a time limit.
+NNUNET_VERIFY = """
+import multiprocessing, sys
+multiprocessing.set_start_method("spawn")
+from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+verify_dataset_integrity(sys.argv[1], num_processes=1)
+"""
 
-    capfd.readouterr()
-    verify_dataset_integrity(str(folder), num_processes=1)
-    printed = capfd.readouterr().out
-    assert "verify_dataset_integrity Done" in printed
-    assert "Error" not in printed and "Warning" not in printed, printed
+
+def verify_with_nnunet(folder: Path) -> None:
+    """nnU-Net's own check; it only *prints* geometry warnings, so its output is checked too."""
+    env = {**os.environ, **{var: str(folder.parent / var)
+                            for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    done = subprocess.run([sys.executable, "-c", NNUNET_VERIFY, str(folder)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify_dataset_integrity Done" in done.stdout
+    assert "Error" not in done.stdout and "Warning" not in done.stdout, done.stdout
 
 
 def test_invalid_exports_are_refused_before_any_work(client, tokens, dataset):  # type: ignore[no-untyped-def]
@@ -94,8 +106,7 @@ def test_invalid_exports_are_refused_before_any_work(client, tokens, dataset):  
     assert response.status_code == 403
 
 
-def test_reference_export_passes_nnunet_integrity(client, tokens, dataset, run_jobs, tmp_path, capfd,  # type: ignore[no-untyped-def]
-                                                  monkeypatch):
+def test_reference_export_passes_nnunet_integrity(client, tokens, dataset, run_jobs, tmp_path):  # type: ignore[no-untyped-def]
     did = dataset["id"]
     volumes = upload_ct_cases(client, tokens, did)
     test_case = upload_case(client, tokens, did, "smtest", CT_DIR / "example_ct_sm.nii.gz",
@@ -132,12 +143,12 @@ def test_reference_export_passes_nnunet_integrity(client, tokens, dataset, run_j
         np.testing.assert_array_equal(label_img.header.get_qform(), image.header.get_qform())
         assert label_img.header["sform_code"] == image.header["sform_code"]
         assert label_img.header["qform_code"] == image.header["qform_code"]
-    verify_with_nnunet(folder, capfd, monkeypatch)
+    verify_with_nnunet(folder)
 
 
 @pytest.mark.parametrize("unprompted", ["background", "ignore"])
-def test_segmentation_export_passes_nnunet_integrity(client, tokens, dataset, run_jobs, tmp_path, capfd,  # type: ignore[no-untyped-def]
-                                                     monkeypatch, unprompted):
+def test_segmentation_export_passes_nnunet_integrity(client, tokens, dataset, run_jobs, tmp_path,  # type: ignore[no-untyped-def]
+                                                     unprompted):
     from app.imaging.coords import Orientation
 
     did = dataset["id"]
@@ -166,7 +177,7 @@ def test_segmentation_export_passes_nnunet_integrity(client, tokens, dataset, ru
             assert meta["crowdsam"]["cases"][case]["ignored_slices"] == len(unprompted_k)
         else:
             assert np.all(canonical[:, :, unprompted_k] == 0)
-    verify_with_nnunet(folder, capfd, monkeypatch)
+    verify_with_nnunet(folder)
 
 
 def test_uncompressed_upload_is_exported_gzipped_unchanged(client, tokens, dataset, run_jobs, tmp_path):  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from tests.test_export import extract_archive, finished_export, verify_with_nnun
 
 @pytest.mark.model
 def test_litemedsam_segmentation_exports_with_ignore_and_evaluates(client, tokens, dataset, sm_volume,  # type: ignore[no-untyped-def]
-                                                                   run_jobs, tmp_path, capfd, monkeypatch):
+                                                                   run_jobs, tmp_path):
     from app.imaging.coords import Orientation
 
     H = tokens.headers("researcher")
@@ -41,7 +41,7 @@ def test_litemedsam_segmentation_exports_with_ignore_and_evaluates(client, token
     for k in range(canonical.shape[2]):
         assert np.all(canonical[:, :, k] == 6) == (k not in known)
     assert set(np.unique(canonical[:, :, known])) <= {0, 1, 2, 3, 4, 5} and (canonical == 4).any()
-    verify_with_nnunet(folder, capfd, monkeypatch)
+    verify_with_nnunet(folder)
 
     out = finished_evaluation(client, tokens, run_jobs, client.post(
         f"/api/v1/datasets/{dataset['id']}/evaluations", json={"source": "segmentation", "model": "litemedsam"},

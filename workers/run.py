@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text
 
 from app.core.redis import get_queue, get_redis
+from app.core.runtime import configure_process
+from workers.scheduler import start_scheduler_process, stop_scheduler_process
 
 log = logging.getLogger("crowdsam.worker")
 
@@ -152,17 +155,39 @@ def preload(models: Iterable[str]) -> None:
 
 
 class CrowdsamWorker(SimpleWorker):
-    """SimpleWorker that loads its models right after RQ forks its scheduler process.
+    """SimpleWorker whose scheduler is a fresh process (``workers.scheduler``), never a fork of itself.
 
-    RQ's scheduler runs in a forked child (Redis work only, never torch): starting it before
-    any model or CUDA context exists keeps that fork clean; the models then load once here.
+    RQ would fork its scheduler from this process at start and again from its maintenance loop,
+    after the pub/sub thread and torch's thread pool exist. Here RQ's scheduler start only
+    enqueues due scheduled jobs once (its burst-mode path, no fork) and ``self.scheduler`` stays
+    unset so maintenance never forks; a long-running worker keeps a scheduler child process
+    alive instead (restarted from maintenance if it exits).
     """
 
     preload_models: tuple[str, ...] = ()
+    scheduler_process: subprocess.Popen[bytes] | None = None
 
-    def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:
-        super()._start_scheduler(*args, **kwargs)
+    def _start_scheduler(self, burst: bool = False, *args: Any, **kwargs: Any) -> None:
+        super()._start_scheduler(True, *args, **kwargs)
+        self.scheduler = None
+        if not burst:
+            self._ensure_scheduler_process()
         preload(self.preload_models)
+
+    def _ensure_scheduler_process(self) -> None:
+        if self.scheduler_process is None or self.scheduler_process.poll() is not None:
+            if self.scheduler_process is not None:
+                log.warning("scheduler process exited with %s: starting a new one", self.scheduler_process.returncode)
+            self.scheduler_process = start_scheduler_process([queue.name for queue in self.queues])
+
+    def run_maintenance_tasks(self) -> None:
+        if self.scheduler_process is not None:
+            self._ensure_scheduler_process()
+        super().run_maintenance_tasks()
+
+    def teardown(self) -> None:
+        stop_scheduler_process(self.scheduler_process)
+        super().teardown()
 
 
 def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: Iterable[str] | None = None) -> None:
@@ -170,7 +195,7 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
 
     A long-running worker on ``sam`` preloads LiteMedSAM; a burst worker loads models on demand.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+    configure_process(runs_models=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queues = [get_queue(name) for name in queue_names]
     requeue_abandoned(queues)
@@ -179,4 +204,7 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
         preload_models = ("litemedsam",) if "sam" in queue_names and not burst else ()
     worker = CrowdsamWorker(queues, connection=get_redis())
     worker.preload_models = tuple(preload_models)
-    worker.work(burst=burst, with_scheduler=True)
+    try:
+        worker.work(burst=burst, with_scheduler=True)
+    finally:
+        stop_scheduler_process(worker.scheduler_process)
