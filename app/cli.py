@@ -26,13 +26,19 @@ def start_up() -> None:
 def serve(
     host: str = typer.Option("127.0.0.1", help="bind address"),
     port: int = typer.Option(8000, help="port"),
-    workers: int = typer.Option(1, help="uvicorn worker processes"),
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes (they share CROWDSAM_DB_CONNECTIONS)"),
     migrate: bool = typer.Option(True, help="run `db upgrade` first"),
+    access_log: bool = typer.Option(True, help="log every request"),
 ) -> None:
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
+    from app.core.config import get_settings
     from app.core.services import database_url, redis_url
+
+    # Each process sizes its pool and admission gate from its share of the connection budget.
+    os.environ["CROWDSAM_WEB_WORKERS"] = str(workers)
+    get_settings.cache_clear()
 
     # Resolve (and start, when embedded) the servers once so worker processes share them.
     os.environ.setdefault("DATABASE_URL", database_url())
@@ -41,7 +47,7 @@ def serve(
         from app import migrate as migrations
 
         migrations.upgrade()
-    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info", access_log=access_log)
 
 
 @app.command()

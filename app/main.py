@@ -1,15 +1,23 @@
-"""Application factory: routers, error handlers, body limits."""
+"""Application factory: routers, error handlers, body limits, admission control."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.router import router as auth_router
+from app.core.admission import Admission, AdmissionMiddleware, configure_threads
 from app.core.config import get_settings
 from app.core.errors import CrowdsamError
 from app.core.limits import BodySizeLimitMiddleware
@@ -26,6 +34,7 @@ from app.web.router import router as web_router
 log = logging.getLogger("crowdsam")
 
 API_PREFIX = "/api/v1"
+RETRY_AFTER_S = 2
 API_ROUTERS = [
     auth_router,
     datasets_router,
@@ -40,12 +49,22 @@ API_ROUTERS = [
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    admission = Admission.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        configure_threads(admission.thread_tokens)  # every admitted request always finds a thread
+        yield
+
     app = FastAPI(
         title="crowdsam",
         version="0.1.0",
         description="Crowd-sourced boxes on CT slices → 3D organ masks with SAM; nnU-Net export and evaluation.",
+        lifespan=lifespan,
     )
+    app.state.admission = admission
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AdmissionMiddleware, admission=admission, router=app.router)  # outermost
     app.include_router(health_router)
     app.include_router(web_router)  # browser pages (/annotate, /review/{id}) and their static assets
     for router in API_ROUTERS:
@@ -71,6 +90,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Overload or a database/Redis hiccup is "try again shortly", never a 500.
+        log.warning("service unavailable: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": f"a backing service is busy or unreachable ({type(exc).__name__}); retry"},
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    for exc_class in (PoolTimeout, OperationalError, psycopg.OperationalError, RedisConnectionError,
+                      RedisTimeoutError):
+        app.add_exception_handler(exc_class, unavailable)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -4,10 +4,13 @@ def test_healthz_needs_no_token(client):
     assert response.json() == {"status": "ok"}
 
 
-def test_readyz_reports_database_and_redis(client):
+def test_readyz_reports_database_redis_and_admission(client):
     response = client.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json() == {"status": "ok", "database": "ok", "redis": "ok"}
+    body = response.json()
+    assert {k: body[k] for k in ("status", "database", "redis")} == {"status": "ok", "database": "ok", "redis": "ok"}
+    assert body["admission"]["status"] == "ok"
+    assert {"limit", "in_flight", "queued", "shed", "heavy", "thread_tokens"} <= set(body["admission"])
 
 
 def test_volume_upload_and_slice(client, tokens, sm_volume):

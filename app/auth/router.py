@@ -6,7 +6,7 @@ from app.auth import service
 from app.auth.repository import TokenRepository
 from app.auth.schemas import Me, TokenCreate, TokenCreated, TokenOut
 from app.core.db import SessionDep
-from app.core.security import Admin, Anyone
+from app.core.security import Admin, Anyone, forget_token
 
 router = APIRouter(tags=["auth"])
 
@@ -33,4 +33,7 @@ def list_tokens(session: SessionDep, _: Admin) -> list[TokenOut]:
 @router.delete("/tokens/{token_id}", response_model=TokenOut)
 def revoke_token(token_id: int, session: SessionDep, _: Admin) -> TokenOut:
     """Revoke an API token (admin)."""
-    return TokenOut.model_validate(service.revoke_token(session, token_id))
+    row = service.revoke_token(session, token_id)
+    session.commit()
+    forget_token(row.token_hash)  # other API processes stop accepting it within token_cache_s
+    return TokenOut.model_validate(row)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
 
     token_prefix: str = Field(default="csam_", alias="CROWDSAM_TOKEN_PREFIX")
     token_bytes: int = Field(default=32, alias="CROWDSAM_TOKEN_BYTES")
+    token_cache_s: float = Field(default=10.0, ge=0, alias="CROWDSAM_TOKEN_CACHE_S",
+                                 description="a process remembers a valid token this long (0 = never); "
+                                             "a revocation reaches other processes within it")
 
     checkpoint_dir: Path = Field(default=Path("checkpoints"), alias="CROWDSAM_CHECKPOINT_DIR")
     embedding_cache_entries: int = Field(default=256, alias="CROWDSAM_EMBEDDING_CACHE_ENTRIES",
@@ -39,6 +42,39 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
     task_lease_s: int = Field(default=120, alias="CROWDSAM_TASK_LEASE_S")
     annotators_per_slice: int = Field(default=3, alias="CROWDSAM_ANNOTATORS_PER_SLICE")
+
+    # Concurrency of one API process (see app.core.admission and DESIGN "Concurrency").
+    web_workers: int = Field(default=1, ge=1, alias="CROWDSAM_WEB_WORKERS",
+                             description="API worker processes (set by `crowdsam serve --workers`)")
+    db_connections: int = Field(default=32, ge=4, alias="CROWDSAM_DB_CONNECTIONS",
+                                description="PostgreSQL connections the API may hold over all its processes")
+    db_pool_size: int | None = Field(default=None, ge=3, alias="CROWDSAM_DB_POOL_SIZE",
+                                     description="pool per process; unset = db_connections // web_workers")
+    db_pool_timeout_s: float = Field(default=10.0, gt=0, alias="CROWDSAM_DB_POOL_TIMEOUT_S")
+    max_in_flight: int = Field(default=16, ge=1, alias="CROWDSAM_MAX_IN_FLIGHT",
+                               description="requests inside the app at once, per process (capped by the pool)")
+    admission_queue: int = Field(default=2000, ge=0, alias="CROWDSAM_ADMISSION_QUEUE",
+                                 description="requests that may wait for admission, per process; more → 503")
+    admission_wait_s: float = Field(default=10.0, gt=0, alias="CROWDSAM_ADMISSION_WAIT_S",
+                                    description="longest wait for admission before 503")
+    max_uploads: int = Field(default=2, ge=1, alias="CROWDSAM_MAX_UPLOADS",
+                             description="heavy requests (uploads, imports, simulations) at once, per process")
+
+    @property
+    def pool_size(self) -> int:
+        """Pooled connections of one process: an explicit size, else this process's share of the budget."""
+        share = self.db_connections // self.web_workers
+        return self.db_pool_size or max(self.max_uploads + 2, share)
+
+    @property
+    def admission_limit(self) -> int:
+        """N: ordinary requests admitted at once; with the heavy ones they leave one pooled connection spare."""
+        return max(1, min(self.max_in_flight, self.pool_size - self.max_uploads - 1))
+
+    @property
+    def thread_tokens(self) -> int:
+        """anyio worker threads: one per admitted request plus spares for health checks, files and streams."""
+        return self.admission_limit + self.max_uploads + 8
 
     @property
     def store_url(self) -> str:

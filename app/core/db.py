@@ -15,6 +15,7 @@ from fastapi import Depends
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from app.core.config import get_settings
 from app.core.services import database_url
 
 NAMING_CONVENTION = {
@@ -38,7 +39,15 @@ class TimestampMixin:
 
 @lru_cache
 def get_engine() -> Engine:
-    return create_engine(database_url(), pool_pre_ping=True, pool_size=10, max_overflow=20)
+    """One pool per process, sized by the settings (the admission gate keeps requests within it)."""
+    settings = get_settings()
+    return create_engine(
+        database_url(),
+        pool_pre_ping=True,
+        pool_size=settings.pool_size,
+        max_overflow=2,  # health checks and other work outside admission never wait on the pool
+        pool_timeout=settings.db_pool_timeout_s,
+    )
 
 
 @lru_cache

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import Invalid
 from app.core.jobs import commit_and_enqueue
@@ -52,6 +53,7 @@ REQUEST_BODY_DOC: dict[str, Any] = {
     status_code=status.HTTP_202_ACCEPTED,
     openapi_extra=REQUEST_BODY_DOC,
 )
+@heavy
 async def create_evaluation(dataset_id: int, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:
     """Queue an evaluation of a model's segmentations (JSON) or of uploaded predictions (multipart)."""
     content_type = request.headers.get("content-type", "")
@@ -69,7 +71,7 @@ async def create_evaluation(dataset_id: int, request: Request, session: SessionD
             archive = Path(tmp) / "predictions.archive"
             with archive.open("wb") as out:
                 while chunk := await upload.read(1 << 20):
-                    out.write(chunk)
+                    await run_in_threadpool(out.write, chunk)  # never block the event loop on disk
             row = await run_in_threadpool(
                 _create_upload, session, dataset_id, archive, label_values, tolerance, principal
             )

@@ -4,6 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
+from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import PayloadTooLarge
 from app.core.security import Anyone, Staff
@@ -68,6 +69,7 @@ def coverage(volume_id: int, session: SessionDep, _: Anyone) -> CoverageOut:
 @router.post(
     "/datasets/{dataset_id}/prompts/yolo", response_model=YoloImportResult, status_code=status.HTTP_201_CREATED
 )
+@heavy
 def import_yolo(
     dataset_id: int,
     session: SessionDep,
@@ -111,6 +113,7 @@ def export_yolo(
 @router.post(
     "/volumes/{volume_id}/prompts/simulate", response_model=SimulateResult, status_code=status.HTTP_201_CREATED
 )
+@heavy
 def simulate(volume_id: int, body: SimulateRequest, session: SessionDep, who: Staff) -> SimulateResult:
     """Simulate a crowd from the volume's reference (one box per connected 2D part by default)."""
     volume = VolumeRepository(session).get(volume_id)

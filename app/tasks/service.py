@@ -27,6 +27,8 @@ from app.tasks.schemas import TaskOut
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
 
+FAST_PATH_SLICES = 16  # free slices tried before the whole dataset is ranked
+
 
 def next_task(session: Session, storage: Storage, dataset_id: int, who: Principal) -> TaskOut | None:
     settings = get_settings()
@@ -40,20 +42,32 @@ def next_task(session: Session, storage: Storage, dataset_id: int, who: Principa
     others = leases.busy(active, exclude=who.name)
     held = {(lease.volume_id, lease.slice) for lease in active if lease.annotator == who.name}
 
-    candidates: list[tuple[int, int, int, int]] = []  # (rank, volume, slice, annotators seen)
-    for volume in volumes.values():
-        for k in interest_slices(storage, volume):
-            key = (volume.id, k)
-            seen = counts.get(key, 0)
-            if key in mine or seen >= target:
-                continue
-            rank = -1 if key in held else seen + others[key]
-            candidates.append((rank, volume.id, k, seen))
-    candidates.sort()
-    # First pass: only slices no busier than when ranked (concurrent callers spread out);
-    # second pass: any slice with a free slot.
-    for strict in (True, False):
-        for _rank, volume_id, k, seen in candidates:
+    def ranked(first_only: int | None) -> list[tuple[int, int, int, int]]:
+        """(rank, volume, slice, annotators seen), best first; with ``first_only``, stop after that many
+        rank-0 slices (held slices rank -1 come first either way): they head the full ranking too."""
+        candidates = [(-1, v, k, counts.get((v, k), 0)) for v, k in sorted(held)
+                      if v in volumes and (v, k) not in mine and counts.get((v, k), 0) < target]
+        fresh = 0
+        for volume in volumes.values():
+            for k in interest_slices(storage, volume):
+                key = (volume.id, k)
+                seen = counts.get(key, 0)
+                if key in mine or key in held or seen >= target:
+                    continue
+                rank = seen + others[key]
+                candidates.append((rank, volume.id, k, seen))
+                fresh += rank == 0
+                if first_only is not None and fresh >= first_only:
+                    return sorted(c for c in candidates if c[0] <= 0)
+        candidates.sort()
+        return candidates if first_only is None else [c for c in candidates if c[0] <= 0]
+
+    # First pass: only slices no busier than when ranked (concurrent callers spread out); second pass:
+    # any slice with a free slot. Most calls succeed among the first free slices, so those are ranked
+    # first without walking the whole dataset; the full ranking decides when they are all taken.
+    head = ranked(first_only=FAST_PATH_SLICES)
+    for strict, candidates in ((True, head), (True, None), (False, None)):
+        for _rank, volume_id, k, seen in candidates if candidates is not None else ranked(None):
             max_busy = others[(volume_id, k)] if strict else None
             lease = leases.claim(dataset_id, volume_id, k, who.name, target - seen, settings.task_lease_s, max_busy)
             if lease is not None:

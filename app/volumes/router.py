@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
+from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import Invalid, NotFound
 from app.core.security import Anyone, Staff
@@ -46,6 +47,7 @@ def _spool(upload: UploadFile, directory: Path, name: str) -> service.UploadedFi
 @router.post(
     "/datasets/{dataset_id}/volumes", response_model=VolumeOut, status_code=status.HTTP_201_CREATED
 )
+@heavy
 def upload_volume(
     dataset_id: int,
     session: SessionDep,

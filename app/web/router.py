@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
+from app.core.admission import exempt
 from app.core.errors import NotFound
 from app.imaging.palette import PALETTE
 
@@ -35,18 +36,21 @@ def _page(name: str) -> FileResponse:
 
 
 @router.get("/annotate", response_class=FileResponse, include_in_schema=False)
+@exempt
 def annotate_page() -> FileResponse:
     """Crowd annotation page: draw boxes on the slice the service hands out."""
     return _page("annotate.html")
 
 
 @router.get("/review/{volume_id}", response_class=FileResponse, include_in_schema=False)
+@exempt
 def review_page(volume_id: int) -> FileResponse:
     """Researcher review page for one volume (the id is read by the page's script)."""
     return _page("review.html")
 
 
 @router.get("/static/palette.js", include_in_schema=False)
+@exempt
 def palette_module() -> Response:
     """The label palette of ``app.imaging.palette`` as an ES module (one source of truth for colours)."""
     body = (
@@ -61,6 +65,7 @@ def palette_module() -> Response:
 
 
 @router.get("/static/{path:path}", response_class=FileResponse, include_in_schema=False)
+@exempt
 def static_asset(path: str) -> FileResponse:
     """A file under ``app/static`` (never outside it; only known asset types)."""
     target = (STATIC_DIR / path).resolve()
