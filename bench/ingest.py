@@ -129,7 +129,8 @@ def main() -> None:
     server = services.postgres_server_url(embedded)
     url = services.create_database(server)
     dsn = services._libpq(url)
-    redis_url = services.redis_test_url(services.redis_server_url(embedded))
+    redis_base = services.redis_server_url(embedded)
+    redis_url, redis_claim = services.claim_redis_db(redis_base)  # a db of its own, never another run's
     data_dir = Path(tempfile.mkdtemp(prefix="crowdsam-bench-"))
     env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "CROWDSAM_DATA_DIR": str(data_dir)}
     os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "CROWDSAM_DATA_DIR")})
@@ -250,6 +251,11 @@ def main() -> None:
 
             get_engine().dispose()
         services.drop_database(server, url)
+        with contextlib.suppress(Exception):
+            import redis
+
+            redis.Redis.from_url(redis_url).flushdb()
+        services.release_redis_db(redis_base, redis_claim)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: the engine's choice)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="CT cases to run")
     args = parser.parse_args()
 
     from workers.sam.engine import SegmentationEngine, get_engine
@@ -183,7 +184,7 @@ def main() -> None:
               + "\n  " + " " * 13 + " per vol   " + " ".join(f"{o}={kinds['volume'][o]:.3f}" for o in LABELS))
     results = []
     for coverage in args.coverage:
-        cases = [run_case(engine, name, coverage, args.seed, args.jitter) for name in CASES]
+        cases = [run_case(engine, name, coverage, args.seed, args.jitter) for name in args.cases]
         results.append(report(cases, coverage, study))
     if args.json:
         args.json.write_text(json.dumps({"study": study, "runs": results}, indent=2))

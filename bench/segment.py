@@ -3,7 +3,8 @@
 Prints, in one run: total time of a cold segmentation, the pure encoder time of the prompted
 slices, their ratio (target <= 1.15 on CPU), the speed-up over a naive pipeline that re-encodes
 the slice for every box (same masks, asserted), the rerun time after one new box (encodes 0,
-decodes 1), and per-organ Dice against the reference masks.
+decodes 1), the idle CPU of the loaded engine over 30 s beside the decoder's ms/box, and per-organ
+Dice against the reference masks.
 
     .venv/bin/python bench/segment.py [--slices N] [--naive-slices M] [--threads T] [--device cuda]
 """
@@ -78,6 +79,13 @@ def dice_table(pred: np.ndarray, ref: np.ndarray, prompted: list[int]) -> list[t
     return rows
 
 
+def idle_cpu_seconds(seconds: float) -> float:
+    """CPU time this process (all threads) uses while it sleeps for ``seconds``."""
+    before = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=0, help="limit to N prompted slices, evenly spread (0 = all)")
@@ -88,6 +96,7 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, default=3)
     parser.add_argument("--jitter", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle CPU measured over this long")
     args = parser.parse_args()
 
     img = nib.load(CT / "example_ct.nii.gz")
@@ -184,6 +193,12 @@ def main() -> None:
               f"{fast_s:.2f} s -> speed-up x{naive_s / fast_s:.1f}; same masks: {same_masks} "
               f"({differing} differing voxels)")
         assert same_masks, f"naive and batched masks differ in {differing} voxels"
+
+        # 5. a loaded engine waiting for work: its OpenMP threads must sleep, not spin
+        decoder_ms = cold.timings["decoder_s"] / max(cold.decoded, 1) * 1000
+        idle_cpu = idle_cpu_seconds(args.idle_seconds)
+        print(f"idle CPU of the loaded engine over {args.idle_seconds:.0f} s: {idle_cpu:.2f} s "
+              f"({idle_cpu / args.idle_seconds * 100:.1f} % of a core); decoder {decoder_ms:.1f} ms/box")
 
     print("per-organ Dice vs reference (majority of the crowd):")
     print(f"  {'organ':<14}{'per-slice':>10}{'vol(prompted)':>15}{'vol(all)':>10}")

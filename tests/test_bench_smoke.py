@@ -1,0 +1,37 @@
+"""Every script in bench/ runs end to end in a tiny mode, so none rots between benchmark runs.
+
+Each runs as a user would start it (a fresh ``python bench/…`` process); the test checks that it
+exits 0 and prints the lines its docs promise. The numbers themselves are not asserted here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = {
+    "ingest": (["bench/ingest.py", "--boxes", "200", "--batch", "100", "--single", "10", "--clients", "2"],
+               ["ratio API bulk / raw executemany", "ratio API single (1 client) / raw one row per transaction"]),
+    "crowd_load": (["bench/crowd_load.py", "--smoke"], ["crowd_load clients=20 "]),
+    "segment": (["bench/segment.py", "--slices", "2", "--naive-slices", "1", "--annotators", "1",
+                 "--idle-seconds", "2"],
+                ["ratio total / pure encoder", "idle CPU of the loaded engine over 2 s", "decoder",
+                 "same masks: True", "per-organ Dice"]),
+    "reproduce_study": (["bench/reproduce_study.py", "--cases", "example_ct_sm", "--coverage", "0.1"],
+                        ["=== coverage 0.1 per annotator", "max |vol@prompted"]),
+}
+MODEL_SCRIPTS = {"segment", "reproduce_study"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.model) if n in MODEL_SCRIPTS else n
+                                  for n in SCRIPTS])
+def test_bench_script_runs_in_smoke_mode(name: str) -> None:
+    args, expected = SCRIPTS[name]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for line in expected:
+        assert line in done.stdout, done.stdout
