@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The whole pytest run's hard limit (CI allows 90 min): SIGTERM makes pytest dump every thread's stack.
-# pytest itself stops after 45 min (session_timeout) and bounds every test (tests/conftest.py).
-TEST_TIME_LIMIT ?= 50m
+# pytest itself stops after 50 min (session_timeout) and bounds every test (tests/conftest.py).
+TEST_TIME_LIMIT ?= 55m
 
 .PHONY: install browser demo test lint bench serve worker clean
 

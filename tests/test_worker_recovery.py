@@ -45,7 +45,7 @@ class WorkerProcess:
         )
 
     def kill9(self) -> None:
-        """SIGKILL the worker and everything it started (RQ's forked scheduler), like a crashed pod."""
+        """SIGKILL the worker and everything it started (its scheduler process), like a crashed pod."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.log.close()
