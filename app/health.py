@@ -49,7 +49,10 @@ def _backing_services() -> dict[str, str]:
         return checks
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "a backing service is unreachable or the API is shedding load (same body)"}},
+)
 @exempt
 def readyz(request: Request) -> JSONResponse:
     """PostgreSQL and Redis are reachable and the API is not shedding load (admission state included)."""

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +21,7 @@ from app.core.admission import Admission, AdmissionMiddleware, configure_threads
 from app.core.config import get_settings
 from app.core.errors import CrowdsamError
 from app.core.limits import BodySizeLimitMiddleware
+from app.core.responses import API_ERRORS, errors
 from app.datasets.router import router as datasets_router
 from app.evaluations.router import router as evaluations_router
 from app.exports.router import router as exports_router
@@ -68,7 +69,7 @@ def create_app() -> FastAPI:
     app.include_router(health_router)
     app.include_router(web_router)  # browser pages (/annotate, /review/{id}) and their static assets
     for router in API_ROUTERS:
-        app.include_router(router, prefix=API_PREFIX)
+        app.include_router(router, prefix=API_PREFIX, responses=errors(*API_ERRORS))
     _install_error_handlers(app)
     return app
 
@@ -90,6 +91,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DataError)
+    async def data_error(_: Request, exc: DataError) -> JSONResponse:
+        # A value PostgreSQL cannot store (an integer past its column's range, a NUL in text): the input's fault.
+        log.info("rejected input the database cannot store: %s", exc.orig)
+        return JSONResponse({"detail": f"a value is out of range or not storable: {exc.orig}"}, status_code=422)
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         # Overload or a database/Redis hiccup is "try again shortly", never a 500.

@@ -6,6 +6,7 @@ from app.auth import service
 from app.auth.repository import TokenRepository
 from app.auth.schemas import Me, TokenCreate, TokenCreated, TokenOut
 from app.core.db import SessionDep
+from app.core.responses import Id, errors
 from app.core.security import Admin, Anyone, forget_token
 
 router = APIRouter(tags=["auth"])
@@ -17,21 +18,26 @@ def me(principal: Anyone) -> Me:
     return Me(id=principal.token_id, name=principal.name, role=principal.role)
 
 
-@router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/tokens",
+    response_model=TokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 403, 409, 422),
+)
 def create_token(body: TokenCreate, session: SessionDep, _: Admin) -> TokenCreated:
     """Create an API token (admin). The secret is returned once."""
     row, secret = service.create_token(session, body.name, body.role)
     return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
 
 
-@router.get("/tokens", response_model=list[TokenOut])
+@router.get("/tokens", response_model=list[TokenOut], responses=errors(403))
 def list_tokens(session: SessionDep, _: Admin) -> list[TokenOut]:
     """List API tokens (admin); secrets are never returned."""
     return [TokenOut.model_validate(t) for t in TokenRepository(session).list()]
 
 
-@router.delete("/tokens/{token_id}", response_model=TokenOut)
-def revoke_token(token_id: int, session: SessionDep, _: Admin) -> TokenOut:
+@router.delete("/tokens/{token_id}", response_model=TokenOut, responses=errors(403, 404, 422))
+def revoke_token(token_id: Id, session: SessionDep, _: Admin) -> TokenOut:
     """Revoke an API token (admin)."""
     row = service.revoke_token(session, token_id)
     session.commit()

@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +14,7 @@ from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import Invalid
 from app.core.jobs import commit_and_enqueue
+from app.core.responses import Id, errors
 from app.core.security import Principal, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -52,9 +53,10 @@ REQUEST_BODY_DOC: dict[str, Any] = {
     response_model=EvaluationOut,
     status_code=status.HTTP_202_ACCEPTED,
     openapi_extra=REQUEST_BODY_DOC,
+    responses=errors(400, 403, 404, 409, 413, 422),
 )
 @heavy
-async def create_evaluation(dataset_id: int, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:
+async def create_evaluation(dataset_id: Id, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:
     """Queue an evaluation of a model's segmentations (JSON) or of uploaded predictions (multipart)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -105,28 +107,35 @@ def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_va
     return _commit_and_enqueue(session, row)
 
 
-@router.post("/evaluations/compare")
+@router.post("/evaluations/compare", responses=errors(400, 403, 404, 409, 422))
 def compare_evaluations(body: CompareRequest, session: SessionDep, _: Staff) -> dict[str, Any]:
     """Paired Wilcoxon signed-rank test (per label and pooled) with n and rank-biserial effect size."""
     return service.compare(session, body)
 
 
-@router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut)
-def get_evaluation(evaluation_id: int, session: SessionDep, _: Staff) -> EvaluationOut:
+@router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut, responses=errors(403, 404, 422))
+def get_evaluation(evaluation_id: Id, session: SessionDep, _: Staff) -> EvaluationOut:
     """Status and, once finished, every metric per case and label."""
     return service.to_out(EvaluationRepository(session).get(evaluation_id))
 
 
-@router.get("/evaluations/{evaluation_id}/summary.json")
-def get_summary(evaluation_id: int, session: SessionDep, _: Staff) -> JSONResponse:
+@router.get("/evaluations/{evaluation_id}/summary.json", responses=errors(403, 404, 409, 422))
+def get_summary(evaluation_id: Id, session: SessionDep, _: Staff) -> JSONResponse:
     """nnU-Net-style ``summary.json``: metric_per_case, mean and foreground_mean (label values as keys)."""
     result = service.finished_result(EvaluationRepository(session).get(evaluation_id))
     return JSONResponse(result["summary"], headers={
         "Content-Disposition": f'inline; filename="evaluation{evaluation_id}_summary.json"'})
 
 
-@router.get("/evaluations/{evaluation_id}/report", response_class=HTMLResponse)
-def get_report(evaluation_id: int, session: SessionDep, _: Staff) -> HTMLResponse:
+@router.get(
+    "/evaluations/{evaluation_id}/report",
+    response_class=Response,  # not HTMLResponse: its media type would be documented for the JSON errors too
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "the HTML report"},
+        **errors(403, 404, 409, 422),
+    },
+)
+def get_report(evaluation_id: Id, session: SessionDep, _: Staff) -> HTMLResponse:
     """HTML report: tables and box plots (PNG embedded), per slice beside per volume Dice."""
     row = EvaluationRepository(session).get(evaluation_id)
     result = service.finished_result(row)

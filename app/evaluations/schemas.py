@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.jobs import DatasetJobOut
+from app.core.responses import PG_INT_MAX
 
 CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_prompted_slices", "slice_dice_mean"]
 METRIC_KEYS: dict[str, str] = {
@@ -26,8 +27,8 @@ class EvaluationFromSegmentation(BaseModel):
 class CompareRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    a: int
-    b: int
+    a: int = Field(ge=1, le=PG_INT_MAX, description="evaluation id")
+    b: int = Field(ge=1, le=PG_INT_MAX, description="evaluation id")
     metric: CompareMetric = "dice"
 
 

@@ -7,6 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from app.core.db import SessionDep
 from app.core.jobs import commit_and_enqueue
+from app.core.responses import Id, errors
 from app.core.security import Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -17,8 +18,13 @@ from app.exports.schemas import ExportCreate, ExportOut
 router = APIRouter(tags=["exports"])
 
 
-@router.post("/datasets/{dataset_id}/exports", response_model=ExportOut, status_code=status.HTTP_202_ACCEPTED)
-def create_export(dataset_id: int, body: ExportCreate, session: SessionDep, principal: Staff) -> ExportOut:
+@router.post(
+    "/datasets/{dataset_id}/exports",
+    response_model=ExportOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(400, 403, 404, 409, 422),
+)
+def create_export(dataset_id: Id, body: ExportCreate, session: SessionDep, principal: Staff) -> ExportOut:
     """Queue an nnU-Net v2 raw dataset export (checked completely before it is queued)."""
     dataset = DatasetRepository(session).get(dataset_id)
     row = service.create_export(session, dataset, body, principal)
@@ -26,14 +32,21 @@ def create_export(dataset_id: int, body: ExportCreate, session: SessionDep, prin
     return service.to_out(row)
 
 
-@router.get("/exports/{export_id}", response_model=ExportOut)
-def get_export(export_id: int, session: SessionDep, _: Staff) -> ExportOut:
+@router.get("/exports/{export_id}", response_model=ExportOut, responses=errors(403, 404, 422))
+def get_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
     """Status, file list with sizes and sha256, and dataset.json of an export."""
     return service.to_out(ExportRepository(session).get(export_id))
 
 
-@router.get("/exports/{export_id}/archive", response_class=StreamingResponse)
-def download_archive(export_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+@router.get(
+    "/exports/{export_id}/archive",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "the nnU-Net raw dataset as .tar.gz"},
+        **errors(403, 404, 409, 422),
+    },
+)
+def download_archive(export_id: Id, session: SessionDep, _: Staff) -> StreamingResponse:
     """The export as a streamed ``.tar.gz`` (409 while it is still running)."""
     row = ExportRepository(session).get(export_id)
     key = service.archive_key(row)

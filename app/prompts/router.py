@@ -7,6 +7,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import PayloadTooLarge
+from app.core.responses import BigId, Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -27,17 +28,22 @@ from app.volumes.repository import VolumeRepository
 router = APIRouter(tags=["prompts"])
 
 
-@router.post("/volumes/{volume_id}/prompts", response_model=PostResult, status_code=status.HTTP_201_CREATED)
-def post_prompts(volume_id: int, body: PromptBatch, session: SessionDep, who: Anyone) -> PostResult:
+@router.post(
+    "/volumes/{volume_id}/prompts",
+    response_model=PostResult,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 404, 409, 422),
+)
+def post_prompts(volume_id: Id, body: PromptBatch, session: SessionDep, who: Anyone) -> PostResult:
     """Store boxes/points (display pixels) and seen slices; all-or-nothing, idempotent per client_id."""
     volume = VolumeRepository(session).get(volume_id)
     dataset = DatasetRepository(session).get(volume.dataset_id)
     return service.post_prompts(session, volume, dataset, who, body)
 
 
-@router.get("/volumes/{volume_id}/prompts", response_model=PromptPage)
+@router.get("/volumes/{volume_id}/prompts", response_model=PromptPage, responses=errors(403, 404, 422))
 def list_prompts(
-    volume_id: int,
+    volume_id: Id,
     session: SessionDep,
     who: Anyone,
     slice: Annotated[int | None, Query(ge=0)] = None,
@@ -53,25 +59,26 @@ def list_prompts(
     return service.list_prompts(session, volume, who, f, limit, offset)
 
 
-@router.delete("/prompts/{prompt_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_prompt(prompt_id: int, session: SessionDep, who: Anyone) -> Response:
+@router.delete("/prompts/{prompt_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 422))
+def delete_prompt(prompt_id: BigId, session: SessionDep, who: Anyone) -> Response:
     """Delete a prompt (annotators: only their own)."""
     service.delete_prompt(session, prompt_id, who)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/volumes/{volume_id}/coverage", response_model=CoverageOut)
-def coverage(volume_id: int, session: SessionDep, _: Anyone) -> CoverageOut:
+@router.get("/volumes/{volume_id}/coverage", response_model=CoverageOut, responses=errors(404, 422))
+def coverage(volume_id: Id, session: SessionDep, _: Anyone) -> CoverageOut:
     """Per slice and label: distinct annotators and prompts; per slice: annotators who saw it."""
     return service.coverage(session, VolumeRepository(session).get(volume_id))
 
 
 @router.post(
-    "/datasets/{dataset_id}/prompts/yolo", response_model=YoloImportResult, status_code=status.HTTP_201_CREATED
+    "/datasets/{dataset_id}/prompts/yolo", response_model=YoloImportResult, status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 403, 404, 409, 413, 422),
 )
 @heavy
 def import_yolo(
-    dataset_id: int,
+    dataset_id: Id,
     session: SessionDep,
     who: Staff,
     files: Annotated[list[UploadFile], File(description="a zip and/or img{CASE}-slice{ZZZ}.txt files")],
@@ -92,10 +99,13 @@ def import_yolo(
 @router.get(
     "/volumes/{volume_id}/prompts.yolo",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "zip of YOLO prompt files"}},
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "zip of YOLO prompt files"},
+        **errors(403, 404, 422),
+    },
 )
 def export_yolo(
-    volume_id: int,
+    volume_id: Id,
     session: SessionDep,
     _: Staff,
     convention: Literal["display", "seed"] = "display",
@@ -111,10 +121,11 @@ def export_yolo(
 
 
 @router.post(
-    "/volumes/{volume_id}/prompts/simulate", response_model=SimulateResult, status_code=status.HTTP_201_CREATED
+    "/volumes/{volume_id}/prompts/simulate", response_model=SimulateResult, status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 403, 404, 409, 422),
 )
 @heavy
-def simulate(volume_id: int, body: SimulateRequest, session: SessionDep, who: Staff) -> SimulateResult:
+def simulate(volume_id: Id, body: SimulateRequest, session: SessionDep, who: Staff) -> SimulateResult:
     """Simulate a crowd from the volume's reference (one box per connected 2D part by default)."""
     volume = VolumeRepository(session).get(volume_id)
     dataset = DatasetRepository(session).get(volume.dataset_id)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from app.core.db import SessionDep
 from app.core.errors import Conflict, Invalid
 from app.core.jobs import JobStatus, commit_and_enqueue
+from app.core.responses import Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -30,10 +31,11 @@ def list_models(_: Anyone) -> list[ModelOut]:
 
 
 @router.post(
-    "/volumes/{volume_id}/segmentations", response_model=SegmentationOut, status_code=status.HTTP_202_ACCEPTED
+    "/volumes/{volume_id}/segmentations", response_model=SegmentationOut, status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(400, 403, 404, 409, 422),
 )
 def create_segmentation(
-    volume_id: int, body: SegmentationCreate, session: SessionDep, principal: Staff
+    volume_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff
 ) -> SegmentationOut:
     """Segment a volume's prompts with a model; poll GET /segmentations/{id} for progress."""
     volume = VolumeRepository(session).get(volume_id)
@@ -47,9 +49,10 @@ def create_segmentation(
     "/datasets/{dataset_id}/segmentations",
     response_model=DatasetSegmentationsOut,
     status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(400, 403, 404, 409, 422),
 )
 def create_dataset_segmentations(
-    dataset_id: int, body: SegmentationCreate, session: SessionDep, principal: Staff
+    dataset_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff
 ) -> DatasetSegmentationsOut:
     """Segment every volume of a dataset that has prompts (one job per volume)."""
     dataset = DatasetRepository(session).get(dataset_id)
@@ -59,21 +62,25 @@ def create_dataset_segmentations(
     return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
 
 
-@router.get("/segmentations/{segmentation_id}", response_model=SegmentationOut)
-def get_segmentation(segmentation_id: int, session: SessionDep, _: Staff) -> SegmentationOut:
+@router.get("/segmentations/{segmentation_id}", response_model=SegmentationOut, responses=errors(403, 404, 422))
+def get_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> SegmentationOut:
     """Status, progress (prompted slices done/total), error and, once finished, stats and the mask URL."""
     return service.to_out(SegmentationRepository(session).get(segmentation_id))
 
 
-@router.get("/volumes/{volume_id}/segmentations", response_model=list[SegmentationOut])
-def list_segmentations(volume_id: int, session: SessionDep, _: Staff) -> list[SegmentationOut]:
+@router.get("/volumes/{volume_id}/segmentations", response_model=list[SegmentationOut], responses=errors(403, 404, 422))
+def list_segmentations(volume_id: Id, session: SessionDep, _: Staff) -> list[SegmentationOut]:
     """Segmentations of a volume, newest first."""
     VolumeRepository(session).get(volume_id)
     return [service.to_out(r) for r in SegmentationRepository(session).list_for_volume(volume_id)]
 
 
-@router.post("/segmentations/{segmentation_id}/cancel", response_model=SegmentationOut)
-def cancel_segmentation(segmentation_id: int, session: SessionDep, _: Staff) -> SegmentationOut:
+@router.post(
+    "/segmentations/{segmentation_id}/cancel",
+    response_model=SegmentationOut,
+    responses=errors(403, 404, 409, 422),
+)
+def cancel_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> SegmentationOut:
     """Cancel: a queued job never runs; a running one stops at its next slice."""
     return service.to_out(service.cancel(session, segmentation_id))
 
@@ -97,10 +104,14 @@ def _finished(session: Session, segmentation_id: int) -> Segmentation:
 @router.get(
     "/segmentations/{segmentation_id}/mask",
     response_class=Response,
-    responses={200: {"content": {"application/gzip": {}}, "description": "NIfTI label map on the image grid"}},
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "NIfTI label map on the image grid"},
+        304: {"description": "Not Modified (If-None-Match matched the ETag)"},
+        **errors(403, 404, 409, 422),
+    },
 )
 def download_mask(
-    segmentation_id: int,
+    segmentation_id: Id,
     request: Request,
     session: SessionDep,
     _: Staff,
@@ -140,10 +151,14 @@ def download_mask(
 @router.get(
     "/segmentations/{segmentation_id}/slices/{k}.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "display slice with the mask"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "display slice with the mask"},
+        304: {"description": "Not Modified (If-None-Match matched the ETag)"},
+        **errors(403, 404, 409, 422),
+    },
 )
 def overlay_slice(
-    segmentation_id: int,
+    segmentation_id: Id,
     k: int,
     request: Request,
     session: SessionDep,

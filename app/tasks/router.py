@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from app.core.db import SessionDep
+from app.core.responses import DatasetQuery, errors
 from app.core.security import Anyone
 from app.core.storage import get_storage
 from app.tasks import service
@@ -16,10 +15,10 @@ router = APIRouter(tags=["tasks"])
 @router.get(
     "/tasks/next",
     response_model=TaskOut,
-    responses={204: {"description": "nothing left for this annotator in the dataset"}},
+    responses={**errors(404, 422), 204: {"description": "nothing left for this annotator in the dataset"}},
 )
 def next_task(
-    session: SessionDep, who: Anyone, dataset: Annotated[int, Query(description="dataset id")]
+    session: SessionDep, who: Anyone, dataset: DatasetQuery
 ) -> TaskOut | Response:
     """The slice the caller should label next, leased to them for a short time; 204 when none is left."""
     task = service.next_task(session, get_storage(), dataset, who)

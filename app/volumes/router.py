@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import Invalid, NotFound
+from app.core.responses import Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
@@ -45,11 +46,14 @@ def _spool(upload: UploadFile, directory: Path, name: str) -> service.UploadedFi
 
 
 @router.post(
-    "/datasets/{dataset_id}/volumes", response_model=VolumeOut, status_code=status.HTTP_201_CREATED
+    "/datasets/{dataset_id}/volumes",
+    response_model=VolumeOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 403, 404, 409, 413, 422),
 )
 @heavy
 def upload_volume(
-    dataset_id: int,
+    dataset_id: Id,
     session: SessionDep,
     _: Staff,
     image: Annotated[UploadFile, File(description="CT volume, .nii or .nii.gz")],
@@ -89,22 +93,22 @@ def upload_volume(
     return volume_out(volume)
 
 
-@router.get("/datasets/{dataset_id}/volumes", response_model=list[VolumeOut])
-def list_volumes(dataset_id: int, session: SessionDep, _: Anyone) -> list[VolumeOut]:
+@router.get("/datasets/{dataset_id}/volumes", response_model=list[VolumeOut], responses=errors(404, 422))
+def list_volumes(dataset_id: Id, session: SessionDep, _: Anyone) -> list[VolumeOut]:
     """Volumes of a dataset."""
     DatasetRepository(session).get(dataset_id)
     return [volume_out(v) for v in VolumeRepository(session).list_for_dataset(dataset_id)]
 
 
-@router.get("/volumes/{volume_id}", response_model=VolumeOut)
-def get_volume(volume_id: int, session: SessionDep, _: Anyone) -> VolumeOut:
+@router.get("/volumes/{volume_id}", response_model=VolumeOut, responses=errors(404, 422))
+def get_volume(volume_id: Id, session: SessionDep, _: Anyone) -> VolumeOut:
     """Volume metadata: shape, spacing, orientation, number of slices."""
     return volume_out(VolumeRepository(session).get(volume_id))
 
 
-@router.delete("/volumes/{volume_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/volumes/{volume_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 422))
 def delete_volume(
-    volume_id: int, session: SessionDep, _: Staff, background: BackgroundTasks
+    volume_id: Id, session: SessionDep, _: Staff, background: BackgroundTasks
 ) -> Response:
     """Delete a volume, its prompts, masks and files (files go once the deletion has committed)."""
     repo = VolumeRepository(session)
@@ -120,10 +124,14 @@ def delete_volume(
 @router.get(
     "/volumes/{volume_id}/slices/{k}.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "8-bit grayscale display slice"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "8-bit grayscale display slice"},
+        304: {"description": "Not Modified (If-None-Match matched the ETag)"},
+        **errors(404, 422),
+    },
 )
 def slice_png(
-    volume_id: int,
+    volume_id: Id,
     k: int,
     request: Request,
     session: SessionDep,
@@ -168,16 +176,31 @@ def _stream(key: str, filename: str) -> StreamingResponse:
     )
 
 
-@router.get("/volumes/{volume_id}/image", response_class=StreamingResponse)
-def download_image(volume_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+@router.get(
+    "/volumes/{volume_id}/image",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}, "application/octet-stream": {}},
+              "description": "the image as uploaded (.nii.gz, or .nii)"},
+        **errors(403, 404, 422),
+    },
+)
+def download_image(volume_id: Id, session: SessionDep, _: Staff) -> StreamingResponse:
     """The image exactly as uploaded."""
     volume = VolumeRepository(session).get(volume_id)
     suffix = ".nii.gz" if volume.image_key.endswith(".gz") else ".nii"
     return _stream(volume.image_key, f"{volume.case_id}{suffix}")
 
 
-@router.get("/volumes/{volume_id}/reference", response_class=StreamingResponse)
-def download_reference(volume_id: int, session: SessionDep, _: Staff) -> StreamingResponse:
+@router.get(
+    "/volumes/{volume_id}/reference",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "the reference label map (.nii.gz)"},
+        **errors(403, 404, 422),
+    },
+)
+def download_reference(volume_id: Id, session: SessionDep, _: Staff) -> StreamingResponse:
     """The reference label map in the dataset's label values (researchers only)."""
     volume = VolumeRepository(session).get(volume_id)
     if volume.reference_key is None:
