@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from app.evaluations.statistics import json_safe, paired_wilcoxon, rank_biserial
 from workers.metrics import (
     evaluate_case,
-    json_safe,
     nnunet_summary,
     overlap,
-    paired_wilcoxon,
-    rank_biserial,
     summarize,
     surface,
 )

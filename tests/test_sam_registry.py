@@ -1,4 +1,4 @@
-"""Model registry: names, families, checkpoint verification by size + sha256 (workers/sam/registry.py)."""
+"""Model registry: names, families, checkpoint verification by size + sha256 (app/segmentations/registry.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.sam import registry
+from app.segmentations import registry
 
 
 def test_registry_lists_every_model_and_litemedsam_is_available(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_loading_an_unavailable_model_raises_model_unavailable(tmp_path: Path) -
 
 
 def test_registry_does_not_import_torch() -> None:
-    code = ("import sys; from workers.sam import registry; registry.list_models(); "
+    code = ("import sys; from app.segmentations import registry; registry.list_models(); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)

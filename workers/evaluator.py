@@ -20,11 +20,12 @@ from app.core.db import session_scope
 from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.evaluations.models import Evaluation
+from app.evaluations.statistics import json_safe
 from app.imaging.coords import Orientation
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 from workers import jobrun
-from workers.metrics import SURFACE_LIBRARY, evaluate_case, json_safe, nnunet_summary, summarize
+from workers.metrics import SURFACE_LIBRARY, evaluate_case, nnunet_summary, summarize
 from workers.report import render_report
 
 

@@ -26,12 +26,12 @@ from app.evaluations.archive import unpack
 from app.evaluations.models import Evaluation
 from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
+from app.evaluations.statistics import json_safe, paired_wilcoxon
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.imaging.nifti import load_nifti, same_geometry, save_label_map
+from app.segmentations import registry
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
-from workers.metrics import json_safe, paired_wilcoxon
-from workers.sam import registry
 
 JOB_FUNC = "workers.jobs.evaluate.run_evaluation"
 QUEUE = "cpu"

@@ -20,8 +20,8 @@ from app.datasets.models import Dataset
 from app.exports.models import Export
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.exports.schemas import DATASET_NAME_PATTERN, ExportCreate, ExportFile, ExportOut
+from app.segmentations import registry
 from app.volumes.repository import VolumeRepository
-from workers.sam import registry
 
 JOB_FUNC = "workers.jobs.export.run_export"
 QUEUE = "cpu"

@@ -20,11 +20,11 @@ from app.core.jobs import JobStatus
 from app.core.redis import enqueue_job, get_redis
 from app.core.security import Principal
 from app.datasets.models import Dataset
+from app.segmentations import registry
 from app.segmentations.models import Segmentation
 from app.segmentations.repository import SegmentationRepository
 from app.segmentations.schemas import ModelOut, SegmentationCreate, SegmentationOut
 from app.volumes.models import Volume
-from workers.sam import registry
 
 JOB_FUNC = "workers.jobs.segment.run_segmentation"
 QUEUE = "sam"

@@ -30,12 +30,12 @@ from app.core.jobs import JobStatus
 from app.core.storage import get_storage
 from app.datasets.models import Dataset
 from app.segmentations.models import Segmentation
+from app.segmentations.registry import ModelUnavailable
 from app.segmentations.repository import SegmentationRepository
 from app.volumes import slices
 from app.volumes.models import Volume
 from workers.assemble import mask_key, write_mask
 from workers.jobs.progress import Canceled, ProgressReporter
-from workers.sam.registry import ModelUnavailable
 
 log = logging.getLogger("crowdsam.jobs")
 

@@ -157,7 +157,7 @@ class SegmentationEngine:
         configure_torch(self.device, threads)
         self.precision = precision if self.device.type == "cuda" else "fp32"
         if loaded is None:
-            from workers.sam import registry
+            from app.segmentations import registry
 
             loaded = load_model(model, device=self.device, checkpoint_dir=checkpoint_dir)
             info = registry.model_info(model, checkpoint_dir)

@@ -16,7 +16,7 @@ import torch
 from segment_anything.build_sam import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from workers.sam import registry
+from app.segmentations import registry
 from workers.sam.preprocess import Family, family_for
 
 VIT_BUILDERS: dict[str, Callable[..., Sam]] = {
