@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app import demo_segmentation
+from app.core.runtime import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "totalsegmentator"
@@ -74,11 +75,7 @@ def _process(args: list[str], name: str) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

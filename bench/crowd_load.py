@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
+from app.core.runtime import stop_process  # noqa: E402
+
 CT_DIR = ROOT / "data" / "samples" / "totalsegmentator"
 LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "aorta": 52}
 TOTALSEG_MAP = {"1": "spleen", "2": "kidney_right", "3": "kidney_left", "5": "liver", "52": "aorta"}
@@ -363,12 +365,7 @@ def serve(env: Mapping[str, str], workers: int = 1, log: Path | None = None) -> 
             time.sleep(0.2)
         yield Server(base, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         if log is not None and hasattr(out, "close"):
             out.close()
 

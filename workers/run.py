@@ -33,8 +33,8 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text
 
 from app.core.redis import get_queue, get_redis
-from app.core.runtime import configure_process
-from workers.scheduler import start_scheduler_process, stop_scheduler_process
+from app.core.runtime import configure_process, stop_process
+from workers.scheduler import start_scheduler_process
 
 log = logging.getLogger("crowdsam.worker")
 
@@ -140,7 +140,7 @@ def _update_rows_of_abandoned_jobs(job_ids: list[str], connection: Redis) -> Non
 
 def preload(models: Iterable[str]) -> None:
     """Load models before the first job (only those available here; failures are logged)."""
-    from workers.sam.registry import model_info
+    from app.segmentations.registry import model_info
 
     for name in models:
         try:
@@ -186,7 +186,7 @@ class CrowdsamWorker(SimpleWorker):
         super().run_maintenance_tasks()
 
     def teardown(self) -> None:
-        stop_scheduler_process(self.scheduler_process)
+        stop_process(self.scheduler_process)
         super().teardown()
 
 
@@ -207,4 +207,4 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
     try:
         worker.work(burst=burst, with_scheduler=True)
     finally:
-        stop_scheduler_process(worker.scheduler_process)
+        stop_process(worker.scheduler_process)

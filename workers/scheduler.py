@@ -53,18 +53,6 @@ def start_scheduler_process(queue_names: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
 
-def stop_scheduler_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    """SIGTERM (the scheduler releases its locks), then SIGKILL after ``timeout`` seconds."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=timeout)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="RQ scheduler for crowdsam's queues (started by the worker)")
     parser.add_argument("--parent", type=int, required=True, help="pid of the worker that owns this scheduler")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 
 log = logging.getLogger("crowdsam.runtime")
@@ -54,3 +55,15 @@ def configure_process(*, runs_models: bool = False) -> None:
     use_spawn()
     if runs_models:
         bound_openmp_spinning()
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL after ``timeout`` seconds; waits for the exit either way."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
