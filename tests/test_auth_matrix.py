@@ -63,10 +63,12 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     # exports
     ("POST", "/api/v1/datasets/{dataset_id}/exports"): STAFF,
     ("GET", "/api/v1/exports/{export_id}"): STAFF,
+    ("POST", "/api/v1/exports/{export_id}/cancel"): STAFF,
     ("GET", "/api/v1/exports/{export_id}/archive"): STAFF,
     # evaluations
     ("POST", "/api/v1/datasets/{dataset_id}/evaluations"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}"): STAFF,
+    ("POST", "/api/v1/evaluations/{evaluation_id}/cancel"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}/summary.json"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}/report"): STAFF,
     ("POST", "/api/v1/evaluations/compare"): STAFF,

@@ -101,7 +101,7 @@ def test_cancel_stops_a_running_job_at_its_next_slice(client, tokens, dataset, t
     assert response.status_code == 200
     assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
     worker.join(timeout=120)
-    assert result == {"segmentation_id": sid, "status": "canceled"}
+    assert result == {"job": f"segmentation-{sid}", "status": "canceled"}
     seg = _get(client, tokens, sid)
     assert seg["status"] == "canceled" and seg["mask_url"] is None and seg["progress"]["done"] < 12
     assert not get_storage().exists(f"volumes/{volume['id']}/segmentations/{sid}/mask.nii.gz")

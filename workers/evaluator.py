@@ -19,12 +19,13 @@ import numpy.typing as npt
 from app.core.db import session_scope
 from app.core.storage import Storage
 from app.datasets.models import Dataset
+from app.evaluations.jobs import EvaluationCase, EvaluationParams
 from app.evaluations.models import Evaluation
 from app.evaluations.statistics import json_safe
 from app.imaging.coords import Orientation
+from app.jobs.runner import JobContext, params_model
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
-from workers import jobrun
 from workers.metrics import SURFACE_LIBRARY, evaluate_case, nnunet_summary, summarize
 from workers.report import render_report
 
@@ -47,94 +48,91 @@ def _load_labels(storage: Storage, key: str) -> npt.NDArray[np.int32]:
         return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
 
 
-class EvaluationRunner(jobrun.RowJob):
-    model = Evaluation
+def evaluate(context: JobContext) -> dict[str, Any]:
+    """Score every case, store summary.json and the report; returns the row's result column."""
+    params: EvaluationParams = params_model(context, EvaluationParams)
+    storage = context.storage
+    with session_scope() as session:
+        row = session.get(Evaluation, context.row_id)
+        assert row is not None
+        dataset = session.get(Dataset, row.dataset_id)
+        if dataset is None:
+            raise LookupError(f"evaluation {context.row_id}: its dataset was deleted")
+        labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+        title = f"Evaluation {row.id} — dataset {dataset.name!r}"
+        plans = [_plan(session, case) for case in params.cases]
+    tolerance = params.nsd_tolerance_mm
+    cases = []
+    for i, plan in enumerate(plans):
+        cases.append(_case(storage, plan, labels, tolerance))
+        context.progress(i + 1, len(plans))
+    summary = summarize(cases, labels)
+    side_by_side = {
+        name: {k: summary["mean"][name].get(k) for k in ("Dice", "Dice_prompted_slices", "slice_dice_mean")
+               if k in summary["mean"][name]}
+        for name in labels
+    }
+    result = json_safe({
+        "labels": labels,
+        "source": params.source,
+        "model": params.model,
+        "nsd_tolerance_mm": tolerance,
+        "surface_library": SURFACE_LIBRARY,
+        "cases": cases,
+        "mean": summary["mean"],
+        "foreground_mean": summary["foreground_mean"],
+        "side_by_side": side_by_side,
+        "missing_cases": params.missing_cases,
+        "summary": nnunet_summary(cases, labels),
+    })
+    prefix = f"evaluations/{context.row_id}"
+    with tempfile.TemporaryDirectory(prefix="crowdsam-eval-") as tmp:
+        summary_path = Path(tmp) / "summary.json"
+        summary_path.write_text(json.dumps(result["summary"], indent=2, sort_keys=True))
+        storage.put_file(f"{prefix}/summary.json", summary_path)
+        report_path = Path(tmp) / "report.html"
+        report_path.write_text(render_report(result, title=title), encoding="utf-8")
+        storage.put_file(f"{prefix}/report.html", report_path)
+    result["summary_key"] = f"{prefix}/summary.json"
+    result["report_key"] = f"{prefix}/report.html"
+    return {"result": result}
 
-    @property
-    def evaluation_id(self) -> int:
-        return self.row_id
 
-    def _run(self) -> dict[str, Any]:
-        with session_scope() as session:
-            row = session.get(Evaluation, self.evaluation_id)
-            assert row is not None
-            dataset = session.get(Dataset, row.dataset_id)
-            assert dataset is not None
-            params = dict(row.params)
-            labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
-            title = f"Evaluation {row.id} — dataset {dataset.name!r}"
-            plans = [self._plan(session, case) for case in params["cases"]]
-        tolerance = float(params.get("nsd_tolerance_mm", 2.0))
-        cases = []
-        for i, plan in enumerate(plans):
-            cases.append(self._case(plan, labels, tolerance))
-            jobrun.progress(Evaluation, self.evaluation_id, i + 1, len(plans))
-        summary = summarize(cases, labels)
-        side_by_side = {
-            name: {k: summary["mean"][name].get(k) for k in ("Dice", "Dice_prompted_slices", "slice_dice_mean")
-                   if k in summary["mean"][name]}
-            for name in labels
-        }
-        result = json_safe({
-            "labels": labels,
-            "source": params.get("source"),
-            "model": params.get("model"),
-            "nsd_tolerance_mm": tolerance,
-            "surface_library": SURFACE_LIBRARY,
-            "cases": cases,
-            "mean": summary["mean"],
-            "foreground_mean": summary["foreground_mean"],
-            "side_by_side": side_by_side,
-            "missing_cases": params.get("missing_cases", []),
-            "summary": nnunet_summary(cases, labels),
-        })
-        prefix = f"evaluations/{self.evaluation_id}"
-        with tempfile.TemporaryDirectory(prefix="crowdsam-eval-") as tmp:
-            summary_path = Path(tmp) / "summary.json"
-            summary_path.write_text(json.dumps(result["summary"], indent=2, sort_keys=True))
-            self.storage.put_file(f"{prefix}/summary.json", summary_path)
-            report_path = Path(tmp) / "report.html"
-            report_path.write_text(render_report(result, title=title), encoding="utf-8")
-            self.storage.put_file(f"{prefix}/report.html", report_path)
-        result["summary_key"] = f"{prefix}/summary.json"
-        result["report_key"] = f"{prefix}/report.html"
-        jobrun.finish(Evaluation, self.evaluation_id, result=result)
-        return {"evaluation_id": self.evaluation_id, "cases": len(cases)}
+def _plan(session: Any, case: EvaluationCase) -> dict[str, Any]:
+    volume = session.get(Volume, case.volume_id)
+    if volume is None or volume.reference_key is None:
+        raise LookupError(f"case {case.case_id}: volume or reference is gone")
+    plan = {**case.model_dump(), "reference_key": volume.reference_key, "spacing": list(volume.spacing),
+            "affine": volume.affine, "shape": list(volume.shape), "split": volume.split, "stats": None}
+    if case.segmentation_id is not None:
+        seg = session.get(Segmentation, case.segmentation_id)
+        if seg is None:
+            raise LookupError(f"case {case.case_id}: segmentation {case.segmentation_id} is gone")
+        plan["stats"] = dict(seg.stats or {})
+    return plan
 
-    def _plan(self, session: Any, case: dict[str, Any]) -> dict[str, Any]:
-        volume = session.get(Volume, case["volume_id"])
-        if volume is None or volume.reference_key is None:
-            raise LookupError(f"case {case['case_id']}: volume or reference is gone")
-        plan = {**case, "reference_key": volume.reference_key, "spacing": list(volume.spacing),
-                "affine": volume.affine, "shape": list(volume.shape), "split": volume.split, "stats": None}
-        if case.get("segmentation_id") is not None:
-            seg = session.get(Segmentation, case["segmentation_id"])
-            if seg is None:
-                raise LookupError(f"case {case['case_id']}: segmentation {case['segmentation_id']} is gone")
-            plan["stats"] = dict(seg.stats or {})
-        return plan
 
-    def _case(self, plan: dict[str, Any], labels: dict[str, int], tolerance: float) -> dict[str, Any]:
-        ref = _load_labels(self.storage, plan["reference_key"])
-        pred = _load_labels(self.storage, plan["prediction_key"])
-        stats = plan["stats"]
-        prompted = None
-        label_slices = None
-        if stats is not None and stats.get("prompted_slices") is not None:
-            prompted = sorted(int(k) for k in stats["prompted_slices"])
-            label_slices = label_slices_from_stats(stats, labels)
-        out = evaluate_case(
-            ref, pred, labels, spacing=plan["spacing"], tolerance_mm=tolerance,
-            orientation=Orientation.from_affine(plan["affine"], plan["shape"]),
-            prompted_slices=prompted, label_slices=label_slices,
-        )
-        return {
-            "case_id": plan["case_id"],
-            "volume_id": plan["volume_id"],
-            "split": plan["split"],
-            "segmentation_id": plan.get("segmentation_id"),
-            "reference_file": f"{plan['case_id']}.nii.gz",
-            "prediction_file": plan.get("prediction_file", f"{plan['case_id']}.nii.gz"),
-            "prompted_slices": prompted,
-            **out,
-        }
+def _case(storage: Storage, plan: dict[str, Any], labels: dict[str, int], tolerance: float) -> dict[str, Any]:
+    ref = _load_labels(storage, plan["reference_key"])
+    pred = _load_labels(storage, plan["prediction_key"])
+    stats = plan["stats"]
+    prompted = None
+    label_slices = None
+    if stats is not None and stats.get("prompted_slices") is not None:
+        prompted = sorted(int(k) for k in stats["prompted_slices"])
+        label_slices = label_slices_from_stats(stats, labels)
+    out = evaluate_case(
+        ref, pred, labels, spacing=plan["spacing"], tolerance_mm=tolerance,
+        orientation=Orientation.from_affine(plan["affine"], plan["shape"]),
+        prompted_slices=prompted, label_slices=label_slices,
+    )
+    return {
+        "case_id": plan["case_id"],
+        "volume_id": plan["volume_id"],
+        "split": plan["split"],
+        "segmentation_id": plan.get("segmentation_id"),
+        "reference_file": f"{plan['case_id']}.nii.gz",
+        "prediction_file": plan.get("prediction_file") or f"{plan['case_id']}.nii.gz",
+        "prompted_slices": prompted,
+        **out,
+    }

@@ -22,21 +22,26 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
+from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.utils import as_text
 
+from app.core.config import get_settings
 from app.core.redis import get_queue, get_redis
 from app.core.runtime import configure_process, stop_process
 from workers.scheduler import start_scheduler_process
 
 log = logging.getLogger("crowdsam.worker")
+
 
 
 def _process_dead(fields: dict[str, str]) -> bool:
@@ -99,10 +104,11 @@ def release_dead_scheduler_locks(queues: Iterable[Queue], connection: Redis | No
 def requeue_abandoned(queues: Iterable[Queue], connection: Redis | None = None) -> list[str]:
     """Hand jobs whose worker died mid-job back to RQ: retried while retries are left, else failed.
 
-    RQ 3.0 itself treats a started job as abandoned only once its execution's heartbeat expires
-    (``StartedJobRegistry.cleanup``), which for a SimpleWorker is ``job_timeout + 60`` s after the
-    crash. Here executions whose worker is provably dead are marked expired now and the same RQ
-    cleanup runs (failure callbacks, ``Retry`` with its backoff, or the FailedJobRegistry).
+    RQ treats a started job as abandoned once its execution's heartbeat expires
+    (``StartedJobRegistry.cleanup``, run by the reconciler: up to ``CROWDSAM_JOB_HEARTBEAT_S`` plus
+    one round after the crash). At start a worker need not wait: executions whose worker is provably
+    dead (a pid on this host) are marked expired now and the same RQ cleanup runs (the failure
+    callback updates the row, ``Retry`` with its backoff, or the FailedJobRegistry).
     Returns the ids of the jobs handed back.
     """
     connection = connection or get_redis()
@@ -122,20 +128,7 @@ def requeue_abandoned(queues: Iterable[Queue], connection: Redis | None = None) 
             recovered.extend(dead)
     for job_id in recovered:
         log.warning("job %s was abandoned by a dead worker: handed back to RQ (retry or fail)", job_id)
-    _update_rows_of_abandoned_jobs(recovered, connection)
     return recovered
-
-
-def _update_rows_of_abandoned_jobs(job_ids: list[str], connection: Redis) -> None:
-    """Tell the API what happened: a retry is on its way (queued) or no retries are left (failed)."""
-    from rq.job import Job, JobStatus
-
-    from workers.jobs.segmentation import mark_abandoned
-
-    for job_id in job_ids:
-        if job_id.startswith("segmentation-"):
-            retrying = Job.fetch(job_id, connection=connection).get_status() != JobStatus.FAILED
-            mark_abandoned(int(job_id.split("-", 1)[1]), retrying=retrying)
 
 
 def preload(models: Iterable[str]) -> None:
@@ -184,6 +177,41 @@ class CrowdsamWorker(SimpleWorker):
         if self.scheduler_process is not None:
             self._ensure_scheduler_process()
         super().run_maintenance_tasks()
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Short (``CROWDSAM_JOB_HEARTBEAT_S``): a thread refreshes it while a job runs (RQ: job timeout + 60 s)."""
+        return get_settings().job_heartbeat_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        with self._heartbeats(job):
+            super().execute_job(job, queue)
+
+    @contextmanager
+    def _heartbeats(self, job: Job) -> Iterator[None]:
+        """Refresh the worker's and the running execution's heartbeats from a thread while the job runs.
+
+        The job runs in this (main) thread; torch and numpy release the GIL, so the beat goes on
+        during long computations, and it stops when the process dies — which is the point.
+        """
+        stop = threading.Event()
+        every = get_settings().job_heartbeat_s / 6
+
+        def beat() -> None:
+            while not stop.wait(every):
+                for execution in list(self.executions.values()):
+                    if execution.job_id == job.id:
+                        try:
+                            self.maintain_heartbeats(job, execution)
+                        except Exception:
+                            log.warning("heartbeat of job %s failed", job.id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=every)
 
     def teardown(self) -> None:
         stop_process(self.scheduler_process)

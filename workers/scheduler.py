@@ -7,6 +7,9 @@ another thread and hang forever. The worker therefore never lets RQ start a sche
 ``python -m workers.scheduler`` (a new interpreter: fork + exec, no copied locks) and restarts it
 if it exits. The child dies with its worker (Linux ``PR_SET_PDEATHSIG``, plus a parent check on
 other systems), so a SIGKILLed worker leaves no orphan holding the scheduler lock.
+
+The scheduler process also runs the job reconciler (:mod:`app.jobs.reconcile`) every 30 s, one
+process at a time over all hosts: dead workers' jobs are handed back, lost queue entries re-enqueued.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from rq.scheduler import RQScheduler, run
 
 from app.core.redis import get_queue, get_redis
 from app.core.runtime import configure_process
+from app.jobs.reconcile import INTERVAL_S, reconcile_if_due
 
 log = logging.getLogger("crowdsam.scheduler")
 
@@ -47,6 +51,21 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+class CrowdsamScheduler(RQScheduler):
+    """RQ's scheduler loop (a beat every second) plus a reconciler round every ``INTERVAL_S``."""
+
+    _next_reconcile = 0.0
+
+    def heartbeat(self) -> None:
+        super().heartbeat()
+        if time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + INTERVAL_S / 3  # the Redis lock spaces rounds out
+            try:
+                reconcile_if_due(self.connection)
+            except Exception:
+                log.exception("job reconciler round failed; the next one retries")
+
+
 def start_scheduler_process(queue_names: list[str]) -> subprocess.Popen[bytes]:
     """Start the scheduler for ``queue_names`` as a child of this process (fork + exec)."""
     command = [sys.executable, "-m", "workers.scheduler", "--parent", str(os.getpid()), *queue_names]
@@ -61,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_process()
     die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    scheduler = RQScheduler([get_queue(name) for name in args.queues], connection=get_redis())
+    scheduler = CrowdsamScheduler([get_queue(name) for name in args.queues], connection=get_redis())
     scheduler.acquire_locks()  # locks held by another live scheduler stay there; RQ retries every 2 min
     run(scheduler)
 

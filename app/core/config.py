@@ -40,6 +40,9 @@ class Settings(BaseSettings):
                                        description="on-disk embedding cache bound; oldest evicted first")
     torch_threads: int | None = Field(default=None, alias="CROWDSAM_TORCH_THREADS")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
+    job_heartbeat_s: int = Field(default=60, ge=3, alias="CROWDSAM_JOB_HEARTBEAT_S",
+                                 description="a running job whose worker is silent this long is handed back "
+                                             "(workers beat every sixth of it)")
     task_lease_s: int = Field(default=120, alias="CROWDSAM_TASK_LEASE_S")
     annotators_per_slice: int = Field(default=3, alias="CROWDSAM_ANNOTATORS_PER_SLICE")
 

@@ -6,17 +6,22 @@ services and repositories never commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, func
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.core.config import get_settings
 from app.core.services import database_url
+
+log = logging.getLogger("crowdsam.db")
+
+ON_ROLLBACK = "crowdsam_on_rollback"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -74,3 +79,22 @@ def get_session() -> Iterator[Session]:
 
 # scope="function": commit before the response is sent, so a 2xx always means "stored".
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def on_rollback(session: Session, undo: Callable[[], None]) -> None:
+    """Run ``undo`` if the session's transaction rolls back (e.g. delete files stored for rows that never commit)."""
+    session.info.setdefault(ON_ROLLBACK, []).append(undo)
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_undo(session: Session) -> None:
+    session.info.pop(ON_ROLLBACK, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _undo(session: Session) -> None:
+    for undo in session.info.pop(ON_ROLLBACK, []):
+        try:
+            undo()
+        except Exception:
+            log.exception("could not undo the side effect of a rolled-back transaction")

@@ -58,3 +58,7 @@ class Invalid(CrowdsamError):
 
 class ServiceUnavailable(CrowdsamError):
     status_code = 503
+
+
+class PermanentJobError(Exception):
+    """A job error that retrying cannot fix (missing weights, bad configuration): the job fails at once."""

@@ -13,15 +13,16 @@ from starlette.datastructures import UploadFile
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.errors import Invalid
-from app.core.jobs import commit_and_enqueue
 from app.core.responses import Id, errors
 from app.core.security import Principal, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.evaluations import service
+from app.evaluations.jobs import KIND
 from app.evaluations.models import Evaluation
 from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import CompareRequest, EvaluationFromSegmentation, EvaluationOut
+from app.jobs import submit
 
 router = APIRouter(tags=["evaluations"])
 
@@ -88,15 +89,15 @@ async def create_evaluation(dataset_id: Id, request: Request, session: SessionDe
     return service.to_out(row)
 
 
-def _commit_and_enqueue(session: SessionDep, row: Evaluation) -> Evaluation:
-    commit_and_enqueue(session, [row], lambda: service.enqueue(row))
+def _submit(session: SessionDep, row: Evaluation) -> Evaluation:
+    submit.submit(session, KIND, [row])
     return row
 
 
 def _create_segmentation(session: SessionDep, dataset_id: int, body: EvaluationFromSegmentation,
                          principal: Principal) -> Evaluation:
     dataset = DatasetRepository(session).get(dataset_id)
-    return _commit_and_enqueue(session, service.create_from_segmentation(session, dataset, body, principal))
+    return _submit(session, service.create_from_segmentation(session, dataset, body, principal))
 
 
 def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_values: str, tolerance: float,
@@ -104,7 +105,7 @@ def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_va
     dataset = DatasetRepository(session).get(dataset_id)
     row = service.create_from_upload(session, get_storage(), dataset, archive, label_values=label_values,
                                      nsd_tolerance_mm=tolerance, principal=principal)
-    return _commit_and_enqueue(session, row)
+    return _submit(session, row)
 
 
 @router.post("/evaluations/compare", responses=errors(400, 403, 404, 409, 422))
@@ -117,6 +118,14 @@ def compare_evaluations(body: CompareRequest, session: SessionDep, _: Staff) -> 
 def get_evaluation(evaluation_id: Id, session: SessionDep, _: Staff) -> EvaluationOut:
     """Status and, once finished, every metric per case and label."""
     return service.to_out(EvaluationRepository(session).get(evaluation_id))
+
+
+@router.post(
+    "/evaluations/{evaluation_id}/cancel", response_model=EvaluationOut, responses=errors(403, 404, 409, 422)
+)
+def cancel_evaluation(evaluation_id: Id, session: SessionDep, _: Staff) -> EvaluationOut:
+    """Cancel: a queued evaluation never runs; a running one stops at its next case."""
+    return service.to_out(submit.cancel(session, KIND, evaluation_id))
 
 
 @router.get("/evaluations/{evaluation_id}/summary.json", responses=errors(403, 404, 409, 422))

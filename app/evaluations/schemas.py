@@ -4,8 +4,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.jobs import DatasetJobOut
 from app.core.responses import PG_INT_MAX
+from app.jobs.states import DatasetJobOut
 
 CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_prompted_slices", "slice_dice_mean"]
 METRIC_KEYS: dict[str, str] = {

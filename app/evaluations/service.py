@@ -13,28 +13,26 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import flag_modified
 
 from app.core.config import get_settings
+from app.core.db import on_rollback
 from app.core.errors import Conflict, Invalid, NotFound
-from app.core.jobs import JobStatus
-from app.core.redis import enqueue_job
 from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.evaluations.archive import unpack
+from app.evaluations.jobs import KIND, EvaluationCase, EvaluationParams
 from app.evaluations.models import Evaluation
 from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
 from app.evaluations.statistics import json_safe, paired_wilcoxon
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.imaging.nifti import load_nifti, same_geometry, save_label_map
+from app.jobs.states import JobStatus
+from app.jobs.submit import stopping
 from app.segmentations import registry
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
-
-JOB_FUNC = "workers.jobs.evaluate.run_evaluation"
-QUEUE = "cpu"
 
 
 def _volumes_with_reference(session: Session, dataset: Dataset) -> list[Volume]:
@@ -44,12 +42,16 @@ def _volumes_with_reference(session: Session, dataset: Dataset) -> list[Volume]:
     return volumes
 
 
-def _new_row(session: Session, dataset: Dataset, params: dict[str, Any], principal: Principal) -> Evaluation:
+def _new_row(
+    session: Session, dataset: Dataset, params: EvaluationParams | None, principal: Principal
+) -> Evaluation:
+    """A queued row (flushed); ``params`` None: filled in by the caller once it knows the row's id."""
+    cases = len(params.cases) if params is not None else 0
     row = EvaluationRepository(session).add(
-        Evaluation(dataset_id=dataset.id, params=params, status=JobStatus.queued,
-                   progress={"done": 0, "total": len(params["cases"])}, attempts=0, created_by=principal.name)
+        Evaluation(dataset_id=dataset.id, params=params.model_dump(mode="json") if params is not None else {},
+                   status=JobStatus.queued, progress={"done": 0, "total": cases}, attempts=0,
+                   created_by=principal.name)
     )
-    row.rq_job_id = job_id(row.id)
     session.flush()
     return row
 
@@ -65,11 +67,12 @@ def create_from_segmentation(
         if seg is None:
             missing.append(volume.case_id)
         else:
-            cases.append({"case_id": volume.case_id, "volume_id": volume.id, "segmentation_id": seg.id,
-                          "prediction_key": seg.mask_key})
+            assert seg.mask_key is not None  # a finished segmentation has its mask
+            cases.append(EvaluationCase(case_id=volume.case_id, volume_id=volume.id, segmentation_id=seg.id,
+                                        prediction_key=seg.mask_key))
     if not cases:
         raise Invalid(f"no case with a reference has a finished {body.model!r} segmentation: segment first")
-    params = {**body.model_dump(), "label_values": "dataset", "cases": cases, "missing_cases": missing}
+    params = EvaluationParams(**body.model_dump(), label_values="dataset", cases=cases, missing_cases=missing)
     return _new_row(session, dataset, params, principal)
 
 
@@ -119,23 +122,20 @@ def create_from_upload(
         converted = {case: _validated_prediction(path, by_case[case], value_map, Path(tmp))
                      for case, path in sorted(unpacked.files.items())}
         missing = sorted(v.case_id for v in by_case.values() if v.has_reference and v.case_id not in converted)
-        cases: list[dict[str, Any]] = [
-            {"case_id": case, "volume_id": by_case[case].id, "prediction_file": unpacked.files[case].name}
-            for case in converted
-        ]
-        params = {"source": "upload", "label_values": label_values, "nsd_tolerance_mm": nsd_tolerance_mm,
-                  "cases": cases, "missing_cases": missing, "skipped_files": unpacked.skipped[:100]}
-        row = _new_row(session, dataset, params, principal)
-        try:
-            for case in cases:
-                key = f"evaluations/{row.id}/predictions/{case['case_id']}.nii.gz"
-                case["prediction_key"] = key
-                storage.put_file(key, converted[str(case["case_id"])])
-        except BaseException:
-            storage.delete_prefix(f"evaluations/{row.id}")
-            raise
-        row.params = {**params, "cases": [dict(c) for c in cases]}
-        flag_modified(row, "params")  # the case dicts were filled in place
+        row = _new_row(session, dataset, None, principal)  # its id names the stored predictions
+        params = EvaluationParams(
+            source="upload", label_values=label_values, nsd_tolerance_mm=nsd_tolerance_mm, missing_cases=missing,
+            skipped_files=unpacked.skipped[:100],
+            cases=[EvaluationCase(case_id=case, volume_id=by_case[case].id, prediction_file=unpacked.files[case].name,
+                                  prediction_key=f"evaluations/{row.id}/predictions/{case}.nii.gz")
+                   for case in converted],
+        )
+        prefix = f"evaluations/{row.id}"
+        on_rollback(session, lambda: storage.delete_prefix(prefix))
+        for case in params.cases:
+            storage.put_file(case.prediction_key, converted[case.case_id])
+        row.params = params.model_dump(mode="json")
+        row.progress = {"done": 0, "total": len(params.cases)}
         session.flush()
     return row
 
@@ -162,15 +162,6 @@ def _validated_prediction(path: Path, volume: Volume, value_map: dict[int, int],
     out = tmp / f"{volume.case_id}.dataset.nii.gz"
     save_label_map(table[data.astype(np.int64)], loaded.image, out)
     return out
-
-
-def job_id(evaluation_id: int) -> str:
-    return f"evaluation-{evaluation_id}"
-
-
-def enqueue(row: Evaluation) -> None:
-    enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=(5, 30),
-                description=f"evaluation {row.id} of dataset {row.dataset_id}")
 
 
 def finished_result(row: Evaluation) -> dict[str, Any]:
@@ -211,6 +202,8 @@ def compare(session: Session, body: CompareRequest) -> dict[str, Any]:
 def to_out(row: Evaluation) -> EvaluationOut:
     return EvaluationOut(
         id=row.id, dataset_id=row.dataset_id, status=row.status, params=row.params, progress=row.progress or {},
-        error=row.error, created_by=row.created_by, created_at=row.created_at, started_at=row.started_at,
+        error=row.error, attempts=row.attempts,
+        cancel_requested=stopping(KIND, row),
+        created_by=row.created_by, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, result=row.result,
     )

@@ -7,7 +7,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, TimestampMixin
-from app.core.jobs import JobMixin
+from app.jobs.states import JobMixin
 
 
 class Export(TimestampMixin, JobMixin, Base):

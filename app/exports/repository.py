@@ -4,8 +4,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
-from app.core.jobs import JobStatus
 from app.exports.models import Export
+from app.jobs.states import JobStatus
 from app.segmentations.models import Segmentation
 
 

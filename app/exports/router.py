@@ -6,14 +6,15 @@ from fastapi import APIRouter, status
 from fastapi.responses import StreamingResponse
 
 from app.core.db import SessionDep
-from app.core.jobs import commit_and_enqueue
 from app.core.responses import Id, errors
 from app.core.security import Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.exports import service
+from app.exports.jobs import KIND
 from app.exports.repository import ExportRepository
 from app.exports.schemas import ExportCreate, ExportOut
+from app.jobs import submit
 
 router = APIRouter(tags=["exports"])
 
@@ -28,7 +29,7 @@ def create_export(dataset_id: Id, body: ExportCreate, session: SessionDep, princ
     """Queue an nnU-Net v2 raw dataset export (checked completely before it is queued)."""
     dataset = DatasetRepository(session).get(dataset_id)
     row = service.create_export(session, dataset, body, principal)
-    commit_and_enqueue(session, [row], lambda: service.enqueue(row))
+    submit.submit(session, KIND, [row])
     return service.to_out(row)
 
 
@@ -36,6 +37,12 @@ def create_export(dataset_id: Id, body: ExportCreate, session: SessionDep, princ
 def get_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
     """Status, file list with sizes and sha256, and dataset.json of an export."""
     return service.to_out(ExportRepository(session).get(export_id))
+
+
+@router.post("/exports/{export_id}/cancel", response_model=ExportOut, responses=errors(403, 404, 409, 422))
+def cancel_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
+    """Cancel: a queued export never runs; a running one stops at its next case (nothing half-written stays)."""
+    return service.to_out(submit.cancel(session, KIND, export_id))
 
 
 @router.get(

@@ -8,23 +8,21 @@ reference) or without a finished segmentation of the model (label_source segment
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Invalid
-from app.core.jobs import JobStatus
-from app.core.redis import enqueue_job
 from app.core.security import Principal
 from app.datasets.models import Dataset
+from app.exports.jobs import KIND, ExportCase, ExportParams
 from app.exports.models import Export
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.exports.schemas import DATASET_NAME_PATTERN, ExportCreate, ExportFile, ExportOut
+from app.jobs.states import JobStatus
+from app.jobs.submit import stopping
 from app.segmentations import registry
 from app.volumes.repository import VolumeRepository
 
-JOB_FUNC = "workers.jobs.export.run_export"
-QUEUE = "cpu"
 DEFAULT_MODEL = "litemedsam"
 
 
@@ -41,7 +39,7 @@ def folder_name_for(dataset: Dataset, requested: str | None) -> str:
 
 
 def create_export(session: Session, dataset: Dataset, body: ExportCreate, principal: Principal) -> Export:
-    """Validate and add a queued export row (flushed; the router commits, then enqueues)."""
+    """Validate and add a queued export row (flushed; the router submits it, it is enqueued after the commit)."""
     name = folder_name_for(dataset, body.dataset_name)
     volumes = VolumeRepository(session).list_for_dataset(dataset.id)
     train = [v for v in volumes if v.split == "train"]
@@ -49,7 +47,7 @@ def create_export(session: Session, dataset: Dataset, body: ExportCreate, princi
     if not train:
         raise Invalid(f"dataset {dataset.id} has no train cases: nnU-Net needs at least one labelled case")
     model: str | None = None
-    cases: list[dict[str, Any]] = []
+    cases: list[ExportCase] = []
     if body.label_source == "reference":
         if body.model is not None:
             raise Invalid("model: only used with label_source 'segmentation'")
@@ -60,7 +58,7 @@ def create_export(session: Session, dataset: Dataset, body: ExportCreate, princi
         missing = [v.case_id for v in train if not v.has_reference]
         if missing:
             raise Invalid(f"label_source 'reference': train cases without a reference map: {missing}")
-        cases = [{"volume_id": v.id, "case_id": v.case_id, "split": "train"} for v in train]
+        cases = [ExportCase(volume_id=v.id, case_id=v.case_id, split="train") for v in train]
     else:
         model = body.model or DEFAULT_MODEL
         if model not in registry.MODEL_NAMES:
@@ -75,43 +73,30 @@ def create_export(session: Session, dataset: Dataset, body: ExportCreate, princi
             lacking = sorted(set(dataset.labels) - covered)
             if lacking:
                 partial.append(f"{v.case_id} (segmentation {seg.id} lacks {lacking})")
-            cases.append({"volume_id": v.id, "case_id": v.case_id, "split": "train", "segmentation_id": seg.id})
+            cases.append(ExportCase(volume_id=v.id, case_id=v.case_id, split="train", segmentation_id=seg.id))
         if missing:
             raise Invalid(f"no finished {model!r} segmentation for train cases {missing}: segment them first")
         if partial:
             raise Invalid(f"segmentations must cover every label of the dataset: {'; '.join(partial)}")
-    cases += [{"volume_id": v.id, "case_id": v.case_id, "split": "test"} for v in test]
-    params = {
-        **body.model_dump(),
-        "dataset_name": name,
-        "model": model,
-        "folder": f"Dataset{body.dataset_number:03d}_{name}",
-        "cases": cases,
-    }
+    cases += [ExportCase(volume_id=v.id, case_id=v.case_id, split="test") for v in test]
+    params = ExportParams(
+        **{**body.model_dump(), "dataset_name": name, "model": model},
+        folder=f"Dataset{body.dataset_number:03d}_{name}",
+        cases=cases,
+    )
     row = ExportRepository(session).add(
         Export(
             dataset_id=dataset.id,
             format=body.format,
-            params=params,
+            params=params.model_dump(mode="json"),
             status=JobStatus.queued,
             progress={"done": 0, "total": len(cases)},
             attempts=0,
             created_by=principal.name,
         )
     )
-    row.rq_job_id = job_id(row.id)
     session.flush()
     return row
-
-
-def job_id(export_id: int) -> str:
-    return f"export-{export_id}"
-
-
-def enqueue(row: Export) -> None:
-    """Put a committed export on the ``cpu`` queue by dotted path."""
-    enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=(5, 30),
-                description=f"nnU-Net export {row.id} of dataset {row.dataset_id}")
 
 
 def archive_key(row: Export) -> str:
@@ -130,6 +115,8 @@ def to_out(row: Export) -> ExportOut:
         params=row.params,
         progress=row.progress or {},
         error=row.error,
+        attempts=row.attempts,
+        cancel_requested=stopping(KIND, row),
         created_by=row.created_by,
         created_at=row.created_at,
         started_at=row.started_at,

@@ -7,7 +7,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, TimestampMixin
-from app.core.jobs import JobMixin
+from app.jobs.states import JobMixin
 
 
 class Segmentation(TimestampMixin, JobMixin, Base):
@@ -23,3 +23,6 @@ class Segmentation(TimestampMixin, JobMixin, Base):
     mask_key: Mapped[str | None] = mapped_column(String(500), default=None)
     mask_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     stats: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+
+    def job_params(self) -> dict[str, Any]:
+        return {"model": self.model, "fusion": self.fusion, "labels": self.labels}

@@ -13,10 +13,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.errors import PermanentJobError
+
 MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(PermanentJobError):
     """The model is known but its weights cannot be used (missing or corrupt checkpoint)."""
 
 

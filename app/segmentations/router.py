@@ -9,12 +9,14 @@ from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
 from app.core.errors import Conflict, Invalid
-from app.core.jobs import JobStatus, commit_and_enqueue
 from app.core.responses import Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
+from app.jobs import submit
+from app.jobs.states import JobStatus
 from app.segmentations import masks, service
+from app.segmentations.jobs import KIND
 from app.segmentations.models import Segmentation
 from app.segmentations.repository import SegmentationRepository
 from app.segmentations.schemas import DatasetSegmentationsOut, ModelOut, SegmentationCreate, SegmentationOut
@@ -41,7 +43,7 @@ def create_segmentation(
     volume = VolumeRepository(session).get(volume_id)
     dataset = DatasetRepository(session).get(volume.dataset_id)
     row = service.create(session, volume, dataset, body, principal)
-    commit_and_enqueue(session, [row], lambda: service.enqueue([row]))
+    submit.submit(session, KIND, [row])
     return service.to_out(row)
 
 
@@ -58,7 +60,7 @@ def create_dataset_segmentations(
     dataset = DatasetRepository(session).get(dataset_id)
     volumes = VolumeRepository(session).list_for_dataset(dataset_id)
     rows, skipped = service.create_for_dataset(session, dataset, volumes, body, principal)
-    commit_and_enqueue(session, rows, lambda: service.enqueue(rows))
+    submit.submit(session, KIND, rows)
     return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
 
 
@@ -82,7 +84,7 @@ def list_segmentations(volume_id: Id, session: SessionDep, _: Staff) -> list[Seg
 )
 def cancel_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> SegmentationOut:
     """Cancel: a queued job never runs; a running one stops at its next slice."""
-    return service.to_out(service.cancel(session, segmentation_id))
+    return service.to_out(submit.cancel(session, KIND, segmentation_id))
 
 
 def _not_modified(request: Request, etag: str) -> bool:

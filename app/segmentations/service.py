@@ -1,35 +1,28 @@
 """Segmentation requests: validate, create rows, enqueue jobs, cancel, and shape rows for the API.
 
 The API never imports torch: the model registry is torch-free and jobs are enqueued by dotted
-path. Rows are committed by the request before their job is enqueued (a worker must find them).
+path (:mod:`app.segmentations.jobs`) once the request's transaction has committed (:mod:`app.jobs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
-from app.core.jobs import JobStatus
-from app.core.redis import enqueue_job, get_redis
 from app.core.security import Principal
 from app.datasets.models import Dataset
+from app.jobs.states import JobStatus
+from app.jobs.submit import stopping
 from app.segmentations import registry
+from app.segmentations.jobs import KIND
 from app.segmentations.models import Segmentation
 from app.segmentations.repository import SegmentationRepository
 from app.segmentations.schemas import ModelOut, SegmentationCreate, SegmentationOut
 from app.volumes.models import Volume
-
-JOB_FUNC = "workers.jobs.segment.run_segmentation"
-QUEUE = "sam"
-RETRY_INTERVALS = [5, 30, 120]
-TERMINAL = (JobStatus.finished, JobStatus.failed, JobStatus.canceled)
 
 
 def list_models() -> list[ModelOut]:
@@ -45,18 +38,6 @@ def check_model(name: str) -> None:
         raise Invalid(f"unknown model {name!r} (known: {known})") from exc
     if not info.available:
         raise Conflict(f"model {name!r} is not available: {info.reason}")
-
-
-def job_id(segmentation_id: int) -> str:
-    return f"segmentation-{segmentation_id}"
-
-
-def cancel_key(segmentation_id: int) -> str:
-    return f"crowdsam:segmentation:{segmentation_id}:cancel"
-
-
-def cancel_requested(segmentation_id: int) -> bool:
-    return bool(get_redis().exists(cancel_key(segmentation_id)))
 
 
 @dataclass
@@ -79,7 +60,7 @@ def _plan(repo: SegmentationRepository, volume: Volume, dataset: Dataset, labels
 def create(
     session: Session, volume: Volume, dataset: Dataset, body: SegmentationCreate, principal: Principal
 ) -> Segmentation:
-    """Validate and add a queued row (flushed, not committed; enqueue after the commit)."""
+    """Validate and add a queued row (flushed; the caller submits it, it is enqueued after the commit)."""
     check_model(body.model)
     repo = SegmentationRepository(session)
     plan = _plan(repo, volume, dataset, body.labels)
@@ -96,7 +77,6 @@ def create(
             created_by=principal.name,
         )
     )
-    row.rq_job_id = job_id(row.id)
     session.flush()
     return row
 
@@ -123,33 +103,6 @@ def _check_labels(dataset: Dataset, labels: Sequence[str]) -> None:
         raise Invalid(f"labels {unknown} are not labels of dataset {dataset.id} (has: {sorted(dataset.labels)})")
 
 
-def enqueue(rows: Sequence[Segmentation]) -> None:
-    """Put committed rows on the ``sam`` queue (by dotted path: the API never imports torch)."""
-    for row in rows:
-        enqueue_job(QUEUE, JOB_FUNC, row.id, job_id=job_id(row.id), retry_intervals=RETRY_INTERVALS,
-                    description=f"segmentation {row.id} of volume {row.volume_id} ({row.model})")
-
-
-def cancel(session: Session, segmentation_id: int) -> Segmentation:
-    """Queued → canceled now; running → the job stops at its next progress tick."""
-    row = SegmentationRepository(session).get(segmentation_id, for_update=True)
-    if row.status in TERMINAL:
-        raise Conflict(f"segmentation {row.id} is already {row.status}")
-    get_redis().set(cancel_key(row.id), 1, ex=7 * 24 * 3600)
-    if row.status == JobStatus.queued:
-        row.status = JobStatus.canceled
-        row.error = "canceled before it started"
-        _cancel_rq_job(row.id)
-    session.flush()
-    return row
-
-
-def _cancel_rq_job(segmentation_id: int) -> None:
-    # Already gone or running: the job checks the row and the flag when it starts.
-    with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
-        Job.fetch(job_id(segmentation_id), connection=get_redis()).cancel()
-
-
 def to_out(row: Segmentation) -> SegmentationOut:
     progress = row.progress or {}
     return SegmentationOut(
@@ -161,7 +114,7 @@ def to_out(row: Segmentation) -> SegmentationOut:
         status=row.status,  # type: ignore[arg-type]
         progress={"done": int(progress.get("done", 0)), "total": int(progress.get("total", 0))},  # type: ignore[arg-type]
         error=row.error,
-        cancel_requested=row.status not in TERMINAL and cancel_requested(row.id),
+        cancel_requested=stopping(KIND, row),
         attempts=row.attempts,
         stats=row.stats or {},
         mask_url=f"/api/v1/segmentations/{row.id}/mask" if row.mask_key else None,

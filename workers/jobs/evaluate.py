@@ -7,6 +7,7 @@ from typing import Any
 
 def run_evaluation(evaluation_id: int) -> dict[str, Any]:
     """Score predictions against references; see :mod:`workers.evaluator`."""
-    from workers.evaluator import EvaluationRunner
+    from app.jobs.runner import run_job
+    from workers.evaluator import evaluate
 
-    return EvaluationRunner(evaluation_id).run()
+    return run_job("evaluation", evaluation_id, evaluate)

@@ -7,6 +7,7 @@ from typing import Any
 
 def run_export(export_id: int) -> dict[str, Any]:
     """Write an nnU-Net v2 raw dataset and its archive; see :mod:`workers.exporter`."""
-    from workers.exporter import ExportRunner
+    from app.jobs.runner import run_job
+    from workers.exporter import export
 
-    return ExportRunner(export_id).run()
+    return run_job("export", export_id, export)

@@ -7,6 +7,7 @@ from typing import Any
 
 def run_segmentation(segmentation_id: int) -> dict[str, Any]:
     """Segment one volume's prompts into a NIfTI mask; see :mod:`workers.jobs.segmentation`."""
-    from workers.jobs.segmentation import SegmentationRunner
+    from app.jobs.runner import run_job
+    from workers.jobs.segmentation import segment
 
-    return SegmentationRunner(segmentation_id).run()
+    return run_job("segmentation", segmentation_id, segment)

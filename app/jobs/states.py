@@ -1,18 +1,25 @@
-"""Columns shared by every job row (segmentations, exports, evaluations)."""
+"""Job states and the columns every job row shares (segmentations, exports, evaluations, any later kind).
+
+    queued ──▶ running ──▶ finished
+      ▲  │        │  └───▶ failed      (permanent error, or no retries left; ``error`` says why)
+      │  │        │  └───▶ canceled    (cancel requested; the job stops at its next progress tick)
+      │  └──▶ canceled                (canceled before it started)
+      └────────── running            (transient error or dead worker with retries left: ``attempts`` counts)
+
+A row in ``failed``, ``finished`` or ``canceled`` never changes again: RQ is told not to retry a
+permanent failure, and a transient one is ``queued`` (not ``failed``) while a retry is pending.
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import DateTime, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, Session, mapped_column
-
-from app.core.errors import ServiceUnavailable
+from sqlalchemy.orm import Mapped, mapped_column
 
 
 class JobStatus(enum.StrEnum):
@@ -21,6 +28,9 @@ class JobStatus(enum.StrEnum):
     finished = "finished"
     failed = "failed"
     canceled = "canceled"
+
+
+TERMINAL = frozenset({JobStatus.finished, JobStatus.failed, JobStatus.canceled})
 
 
 class JobMixin:
@@ -33,21 +43,9 @@ class JobMixin:
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
-
-def commit_and_enqueue(session: Session, rows: Sequence[JobMixin], enqueue: Callable[[], None]) -> None:
-    """Commit job rows first (the worker must find them), then enqueue.
-
-    When the queue is unreachable the rows are marked failed with the reason and the caller gets 503.
-    """
-    session.commit()
-    try:
-        enqueue()
-    except Exception as exc:
-        for row in rows:
-            row.status = JobStatus.failed
-            row.error = f"could not enqueue the job: {exc}"
-        session.commit()
-        raise ServiceUnavailable("the job queue is unavailable; the request was recorded as failed") from exc
+    def job_params(self) -> dict[str, Any]:
+        """The parameters the job runs with (validated by the kind's pydantic model)."""
+        return dict(getattr(self, "params", None) or {})
 
 
 class DatasetJobOut(BaseModel):
@@ -59,6 +57,8 @@ class DatasetJobOut(BaseModel):
     params: dict[str, Any]
     progress: dict[str, Any]
     error: str | None
+    attempts: int
+    cancel_requested: bool = False
     created_by: str
     created_at: datetime
     started_at: datetime | None
