@@ -85,14 +85,18 @@ def evaluate(context: JobContext) -> dict[str, Any]:
         "missing_cases": params.missing_cases,
         "summary": nnunet_summary(cases, labels),
     })
-    prefix = f"evaluations/{context.row_id}"
-    with tempfile.TemporaryDirectory(prefix="crowdsam-eval-") as tmp:
-        summary_path = Path(tmp) / "summary.json"
-        summary_path.write_text(json.dumps(result["summary"], indent=2, sort_keys=True))
-        storage.put_file(f"{prefix}/summary.json", summary_path)
-        report_path = Path(tmp) / "report.html"
-        report_path.write_text(render_report(result, title=title), encoding="utf-8")
-        storage.put_file(f"{prefix}/report.html", report_path)
+    prefix = f"evaluations/{context.row_id}/result"  # beside predictions/ (an upload's), which stay
+    try:
+        with tempfile.TemporaryDirectory(prefix="crowdsam-eval-") as tmp:
+            summary_path = Path(tmp) / "summary.json"
+            summary_path.write_text(json.dumps(result["summary"], indent=2, sort_keys=True))
+            storage.put_file(f"{prefix}/summary.json", summary_path)
+            report_path = Path(tmp) / "report.html"
+            report_path.write_text(render_report(result, title=title), encoding="utf-8")
+            storage.put_file(f"{prefix}/report.html", report_path)
+    except BaseException:
+        storage.delete_prefix(prefix)  # a failed attempt leaves no file behind
+        raise
     result["summary_key"] = f"{prefix}/summary.json"
     result["report_key"] = f"{prefix}/report.html"
     return {"result": result}

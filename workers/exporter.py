@@ -42,37 +42,41 @@ def export(context: JobContext) -> dict[str, Any]:
         plans = [_case_plan(session, case, params.unprompted) for case in params.cases]
     prefix = f"exports/{context.row_id}"
     storage.delete_prefix(prefix)
-    with tempfile.TemporaryDirectory(prefix="crowdsam-export-") as tmp:
-        root = Path(tmp) / "out"
-        root.mkdir()
-        cases = [_load_case(storage, plan, Path(tmp)) for plan in plans]
-        source = f"{params.label_source}{'/' + params.model if params.model else ''}"
-        folder = write_dataset(
-            root,
-            number=params.dataset_number,
-            name=params.dataset_name,
-            dataset_labels=labels,
-            cases=cases,
-            unprompted=params.unprompted,
-            description=f"crowdsam export {context.row_id} of dataset {dataset_name!r} (labels: {source})",
-            extra={"export_id": context.row_id, "dataset_id": dataset_id,
-                   "label_source": params.label_source, "model": params.model},
-            progress=context.progress,
-        )
-        files = manifest(folder)
-        archive = Path(tmp) / f"{folder.name}.tar.gz"
-        make_archive(folder, archive)
-        context.check_cancel()
-        for row in files:
-            storage.put_file(f"{prefix}/{row['path']}", root / row["path"])
-        archive_key = f"{prefix}/{archive.name}"
-        storage.put_file(archive_key, archive)
-        result = {
-            "folder": folder.name,
-            "files": files,
-            "archive": {"path": archive.name, "size": archive.stat().st_size, "sha256": sha256_file(archive)},
-            "dataset_json": json.loads((folder / "dataset.json").read_text()),
-        }
+    try:
+        with tempfile.TemporaryDirectory(prefix="crowdsam-export-") as tmp:
+            root = Path(tmp) / "out"
+            root.mkdir()
+            cases = [_load_case(storage, plan, Path(tmp)) for plan in plans]
+            source = f"{params.label_source}{'/' + params.model if params.model else ''}"
+            folder = write_dataset(
+                root,
+                number=params.dataset_number,
+                name=params.dataset_name,
+                dataset_labels=labels,
+                cases=cases,
+                unprompted=params.unprompted,
+                description=f"crowdsam export {context.row_id} of dataset {dataset_name!r} (labels: {source})",
+                extra={"export_id": context.row_id, "dataset_id": dataset_id,
+                       "label_source": params.label_source, "model": params.model},
+                progress=context.progress,
+            )
+            files = manifest(folder)
+            archive = Path(tmp) / f"{folder.name}.tar.gz"
+            make_archive(folder, archive)
+            context.check_cancel()
+            for row in files:
+                storage.put_file(f"{prefix}/{row['path']}", root / row["path"])
+            archive_key = f"{prefix}/{archive.name}"
+            storage.put_file(archive_key, archive)
+            result = {
+                "folder": folder.name,
+                "files": files,
+                "archive": {"path": archive.name, "size": archive.stat().st_size, "sha256": sha256_file(archive)},
+                "dataset_json": json.loads((folder / "dataset.json").read_text()),
+            }
+    except BaseException:
+        storage.delete_prefix(prefix)  # a failed or canceled attempt leaves no file behind
+        raise
     return {"result": result, "archive_key": archive_key}
 
 
