@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ log = logging.getLogger("crowdsam")
 
 API_PREFIX = "/api/v1"
 RETRY_AFTER_S = 2
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 API_ROUTERS = [
     auth_router,
     datasets_router,
@@ -77,9 +79,14 @@ def create_app() -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CrowdsamError)
     async def crowdsam_error(_: Request, exc: CrowdsamError) -> JSONResponse:
-        if exc.status_code >= 500:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 503:
+            # "Retry shortly", like every other 503 of the API (overload, a backing service down).
+            log.warning("service unavailable: %s", exc.detail)
+            headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+        elif exc.status_code >= 500:
             log.error("unhandled service error: %s", exc.detail)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -112,6 +119,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in NO_SPACE_ERRNOS:
+            # A full disk (or quota) under the store or the upload spool: the server's problem, not the input's;
+            # the request stored nothing (uploads remove what they wrote), so it can be sent again once there is room.
+            log.error("out of storage space: %s", exc)
+            return JSONResponse({"detail": "insufficient storage: no space left on the server's disk; nothing was "
+                                           "stored, retry once space has been freed"}, status_code=507)
+        return await unexpected(request, exc)
 
 
 app = create_app()

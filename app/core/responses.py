@@ -49,6 +49,7 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     422: _error("Invalid input"),
     503: _error("Overloaded, or a backing service (PostgreSQL, Redis, the job queue) is unreachable; "
                 "retry after Retry-After"),
+    507: _error("Insufficient storage: the server's disk is full; nothing was stored, retry once space is freed"),
 }
 
 # Answered by every /api/v1 route: token checks and admission control / backing services.

@@ -69,12 +69,13 @@ class Storage:
             self.fs.put_file(str(local_path), target)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        with tempfile.NamedTemporaryFile(delete=False) as tmp:
-            tmp.write(data)
-        try:
-            self.put_file(key, Path(tmp.name))
+        fd, name = tempfile.mkstemp()
+        try:  # the local temp file goes even when writing it fails (a full temp dir)
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(data)
+            self.put_file(key, Path(name))
         finally:
-            os.unlink(tmp.name)
+            os.unlink(name)
 
     def read_bytes(self, key: str) -> bytes:
         return bytes(self.fs.cat_file(self._path(key)))

@@ -54,7 +54,7 @@ REQUEST_BODY_DOC: dict[str, Any] = {
     response_model=EvaluationOut,
     status_code=status.HTTP_202_ACCEPTED,
     openapi_extra=REQUEST_BODY_DOC,
-    responses=errors(400, 403, 404, 409, 413, 422),
+    responses=errors(400, 403, 404, 409, 413, 422, 507),
 )
 @heavy
 async def create_evaluation(dataset_id: Id, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:

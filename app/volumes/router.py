@@ -49,7 +49,7 @@ def _spool(upload: UploadFile, directory: Path, name: str) -> service.UploadedFi
     "/datasets/{dataset_id}/volumes",
     response_model=VolumeOut,
     status_code=status.HTTP_201_CREATED,
-    responses=errors(400, 403, 404, 409, 413, 422),
+    responses=errors(400, 403, 404, 409, 413, 422, 507),
 )
 @heavy
 def upload_volume(
