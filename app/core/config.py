@@ -25,6 +25,10 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_UPLOAD_BYTES")
     max_voxels: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_VOXELS")
+    upload_memory_bytes: int = Field(default=2 * 1024**3, gt=0, alias="CROWDSAM_UPLOAD_MEMORY_BYTES",
+                                     description="memory one volume upload may use to validate its files; a file "
+                                                 "that needs more is refused (413) from its header "
+                                                 "(uploads at once × this bounds upload memory)")
     max_dim: int = Field(default=4096, alias="CROWDSAM_MAX_DIM")
 
     token_prefix: str = Field(default="csam_", alias="CROWDSAM_TOKEN_PREFIX")
