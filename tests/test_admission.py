@@ -48,6 +48,31 @@ def test_gate_admits_in_arrival_order_and_sheds_past_the_queue() -> None:
     asyncio.run(scenario())
 
 
+def test_writes_waiting_are_admitted_before_reads_each_in_arrival_order() -> None:
+    async def scenario() -> None:
+        gate = Gate(limit=1, queue_limit=10, max_wait_s=5)
+        assert (await gate.enter())[0] is Outcome.admitted
+        order: list[str] = []
+
+        async def wait(name: str, urgent: bool) -> None:
+            outcome, _ = await gate.enter(urgent=urgent)
+            order.append(f"{name}:{outcome.value}")
+
+        tasks = []
+        for name, urgent in (("read1", False), ("write1", True), ("read2", False), ("write2", True)):
+            tasks.append(asyncio.create_task(wait(name, urgent)))
+            await asyncio.sleep(0)
+        assert gate.queued == 4
+        for task in (tasks[1], tasks[3], tasks[0], tasks[2]):
+            gate.leave()
+            await task
+        assert order == ["write1:admitted", "write2:admitted", "read1:admitted", "read2:admitted"]
+        gate.leave()
+        assert gate.in_flight == 0 and gate.queued == 0
+
+    asyncio.run(scenario())
+
+
 def test_gate_sheds_after_the_longest_wait_and_forgets_clients_that_hung_up() -> None:
     async def scenario() -> None:
         gate = Gate(limit=1, queue_limit=10, max_wait_s=0.05)

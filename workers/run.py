@@ -224,6 +224,8 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
     A long-running worker on ``sam`` preloads LiteMedSAM; a burst worker loads models on demand.
     """
     configure_process(runs_models=True)
+    if get_settings().worker_nice:
+        os.nice(get_settings().worker_nice)  # batch work yields the CPU to the API on a shared host
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queues = [get_queue(name) for name in queue_names]
     requeue_abandoned(queues)

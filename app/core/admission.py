@@ -6,8 +6,8 @@ inside than threads or connections, holders of one wait for the other and a burs
 timeouts (500s). This pure-ASGI gate runs before any sync dependency and admits at most
 ``admission_limit`` ordinary requests plus ``max_uploads`` heavy ones per process; both together stay
 below the pool size and the thread tokens (set at start-up by :func:`configure_threads`), so an
-admitted request always finds a thread and a connection. The others wait in an async FIFO (a future
-each) for at most ``admission_wait_s``; past the queue's length or that wait they get 503 with
+admitted request always finds a thread and a connection. The others wait in async FIFOs (a future
+each; writes before reads) for at most ``admission_wait_s``; past the queue's length or that wait they get 503 with
 ``Retry-After`` — overload never becomes a 500. Heavy routes (uploads, imports, simulations) take
 a slot of their own small gate, without a queue. Health, docs, static files and unknown paths bypass.
 
@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import Settings
 
+READS = frozenset({"GET", "HEAD", "OPTIONS"})  # the rest are writes: admitted first when requests queue
 PREBUFFER_BYTES = 1 << 20  # bodies up to this size are read before the request queues
 OVERLOADED_FOR_S = 5.0  # /readyz says "overloaded" this long after a request was shed
 _ATTR = "__crowdsam_admission__"
@@ -69,7 +70,12 @@ class Outcome(Enum):
 
 
 class Gate:
-    """A counting gate with a bounded FIFO of waiters; lives on one event loop."""
+    """A counting gate with a bounded queue of waiters; lives on one event loop.
+
+    Two FIFOs: a freed slot goes to the oldest *urgent* waiter first (writes: the crowd's boxes and
+    "nothing here"), then to the oldest other one (reads: tasks, slice images). Under overload the
+    work annotators already did is stored first and new work is handed out more slowly.
+    """
 
     def __init__(self, limit: int, queue_limit: int, max_wait_s: float) -> None:
         self.limit, self.queue_limit, self.max_wait_s = limit, queue_limit, max_wait_s
@@ -79,9 +85,12 @@ class Gate:
         self.admitted = 0
         self.last_shed = -math.inf
         self.service_s = 0.05  # moving average of time inside, for Retry-After
+        self._urgent: deque[asyncio.Future[None]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def enter(self, hangup: Callable[[], Awaitable[Message]] | None = None) -> tuple[Outcome, Message | None]:
+    async def enter(
+        self, hangup: Callable[[], Awaitable[Message]] | None = None, *, urgent: bool = False
+    ) -> tuple[Outcome, Message | None]:
         """Admit now, after a wait, or not; ``hangup`` (a ``receive``) is watched while waiting.
 
         Returns the outcome and a message ``hangup`` produced that was not a disconnect (to replay).
@@ -94,7 +103,7 @@ class Gate:
             self._shed()
             return Outcome.shed, None
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        (self._urgent if urgent else self._waiters).append(waiter)
         self.queued += 1
         watcher = asyncio.ensure_future(hangup()) if hangup is not None else None
         try:
@@ -121,14 +130,15 @@ class Gate:
         return Outcome.shed, message
 
     def leave(self, service_s: float | None = None) -> None:
-        """Free a slot: hand it to the oldest live waiter, else count it free."""
+        """Free a slot: hand it to the oldest live urgent waiter, else the oldest live waiter, else count it free."""
         if service_s is not None:
             self.service_s += 0.1 * (service_s - self.service_s)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        for waiters in (self._urgent, self._waiters):
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
         self.in_flight -= 1
 
     def _abandon(self, waiter: asyncio.Future[None]) -> None:
@@ -287,7 +297,7 @@ class AdmissionMiddleware:
                 return  # the client left before the request could run
             buffered.extend(messages)
             hangup = receive if complete else None
-        outcome, extra = await gate.enter(hangup)
+        outcome, extra = await gate.enter(hangup, urgent=scope["method"] not in READS)
         if extra is not None:
             buffered.append(extra)
         if outcome is Outcome.gone:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
                                        description="on-disk embedding cache bound; oldest evicted first")
     torch_threads: int | None = Field(default=None, alias="CROWDSAM_TORCH_THREADS")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
+    worker_nice: int = Field(default=10, ge=0, le=19, alias="CROWDSAM_WORKER_NICE",
+                             description="workers lower their CPU priority by this much (0 = unchanged), so "
+                                         "batch jobs on a shared host yield to the interactive API")
     job_heartbeat_s: int = Field(default=60, ge=3, alias="CROWDSAM_JOB_HEARTBEAT_S",
                                  description="a running job whose worker is silent this long is handed back "
                                              "(workers beat every sixth of it)")
