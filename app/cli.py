@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from datetime import UTC, datetime, timedelta
 
 import typer
 
@@ -78,24 +80,53 @@ def db_downgrade(revision: str = typer.Argument(..., help="target revision, e.g.
     migrations.downgrade(revision=revision)
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([dhm])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def parse_expiry(value: str) -> datetime:
+    """``30d`` / ``12h`` / ``90m`` from now, or an ISO 8601 time (UTC without an offset); must be future."""
+    now = datetime.now(UTC)
+    match = _DURATION.match(value.strip())
+    try:
+        if match:
+            when = now + timedelta(**{_UNITS[match[2]]: float(match[1])})
+        else:
+            when = datetime.fromisoformat(value.strip())
+            when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise typer.BadParameter(f"{value!r}: use e.g. 30d, 12h, 90m or an ISO time") from exc
+    if when <= now:
+        raise typer.BadParameter(f"{value!r} is not in the future")
+    return when
+
+
 @token_app.command("create")
 def token_create(
     name: str = typer.Option(..., help="unique name; annotators are identified by it"),
     role: Role = typer.Option(..., help="admin | researcher | annotator"),
+    expires: str | None = typer.Option(None, help="the token stops working after 30d / 12h / 90m, or at an "
+                                                  "ISO time; default never"),
+    link: str | None = typer.Option(None, help="also print (on stderr) a sign-in link to the annotate page of "
+                                               "this base URL, the token in the #fragment (never sent to a "
+                                               "server, never in an access log)"),
 ) -> None:
     """Create a token and print only the secret on stdout."""
     from app.auth.service import create_token
     from app.core.db import session_scope
     from app.core.errors import CrowdsamError
 
+    expires_at = None if expires is None else parse_expiry(expires)
     with session_scope() as session:
         try:
-            _row, secret = create_token(session, name, role)
+            _row, secret = create_token(session, name, role, expires_at)
         except CrowdsamError as exc:
             typer.echo(f"error: {exc.detail}", err=True)
             raise typer.Exit(1) from exc
         session.commit()
     typer.echo(secret)
+    if link:
+        typer.echo(f"{link.rstrip('/')}/annotate#token={secret}", err=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import psycopg
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -21,8 +21,11 @@ from app.auth.router import router as auth_router
 from app.core.admission import Admission, AdmissionMiddleware, configure_threads
 from app.core.config import get_settings
 from app.core.errors import CrowdsamError
+from app.core.headers import SecurityHeadersMiddleware, redact_access_log
 from app.core.limits import BodySizeLimitMiddleware
+from app.core.ratelimit import document_429, write_rate_limit
 from app.core.responses import API_ERRORS, errors
+from app.datasets.access import dataset_access
 from app.datasets.router import router as datasets_router
 from app.evaluations.router import router as evaluations_router
 from app.exports.router import router as exports_router
@@ -66,12 +69,17 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     app.state.admission = admission
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(AdmissionMiddleware, admission=admission, router=app.router)  # outermost
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       max_json_bytes=settings.max_json_bytes, router=app.router)  # per route kind
+    app.add_middleware(AdmissionMiddleware, admission=admission, router=app.router)
+    app.add_middleware(SecurityHeadersMiddleware, hsts_seconds=settings.hsts_seconds)  # outermost: every answer
+    redact_access_log()  # a token in a query string never reaches uvicorn's access log
     app.include_router(health_router)
     app.include_router(web_router)  # browser pages (/annotate, /review/{id}) and their static assets
     for router in API_ROUTERS:
-        app.include_router(router, prefix=API_PREFIX, responses=errors(*API_ERRORS))
+        app.include_router(router, prefix=API_PREFIX, responses=errors(*API_ERRORS),
+                           dependencies=[Depends(write_rate_limit), Depends(dataset_access)])
+    document_429(app, API_PREFIX)  # writes may answer 429 (per-token rate limit)
     _install_error_handlers(app)
     return app
 

@@ -1,8 +1,8 @@
 """Every ORM model, imported once so metadata (Alembic, tests) sees the whole schema."""
 
-from app.auth.models import ApiToken, Role
+from app.auth.models import ApiToken, IdempotencyKey, Role
 from app.core.db import Base
-from app.datasets.models import Dataset
+from app.datasets.models import Dataset, DatasetMember
 from app.evaluations.models import Evaluation
 from app.exports.models import Export
 from app.prompts.models import Prompt, SliceView
@@ -10,6 +10,6 @@ from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 
 __all__ = [
-    "ApiToken", "Base", "Dataset", "Evaluation", "Export", "Prompt", "Role", "Segmentation",
-    "SliceView", "Volume",
+    "ApiToken", "Base", "Dataset", "DatasetMember", "Evaluation", "Export", "IdempotencyKey", "Prompt", "Role",
+    "Segmentation", "SliceView", "Volume",
 ]

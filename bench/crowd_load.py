@@ -385,12 +385,15 @@ def make_tokens(n_annotators: int, prefix: str = "crowd") -> tuple[str, list[tup
 
 
 def create_dataset(base: str, researcher: str, name: str, image: Path, copies: int,
-                   window: tuple[float, float] = (40.0, 400.0), reference: bool = False) -> tuple[int, list[int]]:
-    """A dataset with ``copies`` uploads of ``image`` (optionally with its reference); (dataset, volumes)."""
+                   window: tuple[float, float] = (40.0, 400.0), reference: bool = False,
+                   annotators: list[str] | None = None) -> tuple[int, list[int]]:
+    """A dataset with ``copies`` uploads of ``image`` (optionally with its reference) that ``annotators``
+    (token names) may label; (dataset, volumes)."""
     headers = {"Authorization": f"Bearer {researcher}"}
     with httpx.Client(base_url=base, headers=headers, timeout=300) as http:
         response = http.post("/api/v1/datasets", json={"name": name, "labels": LABELS,
-                                                        "window": {"level": window[0], "width": window[1]}})
+                                                        "window": {"level": window[0], "width": window[1]},
+                                                        "annotators": annotators or []})
         response.raise_for_status()
         dataset_id = int(response.json()["id"])
         volumes = []
@@ -478,7 +481,8 @@ def main() -> None:
             base = api.base
             image = CT_DIR / "example_ct.nii.gz"
             n_volumes = args.volumes or volumes_needed(cfg, args.tokens, 112)
-            dataset_id, _ = create_dataset(base, researcher, "crowd", image, n_volumes)
+            dataset_id, _ = create_dataset(base, researcher, "crowd", image, n_volumes,
+                                           annotators=[name for name, _ in annotators])
             segmentations: list[int] = []
             beside = "nothing beside it"
             if not args.no_worker:

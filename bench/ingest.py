@@ -168,7 +168,8 @@ def main() -> None:
 
         staff = {"Authorization": f"Bearer {researcher}"}
         ds = httpx.post(f"{base}/api/v1/datasets", headers=staff, timeout=30, json={
-            "name": "bench", "labels": {name: i + 1 for i, name in enumerate(LABELS)}}).json()
+            "name": "bench", "labels": {name: i + 1 for i, name in enumerate(LABELS)},
+            "annotators": [f"bench-{i}" for i in range(args.clients + 1)]}).json()
         image = ROOT / "data" / "samples" / "totalsegmentator" / "example_ct_sm.nii.gz"
         vol = httpx.post(f"{base}/api/v1/datasets/{ds['id']}/volumes", headers=staff, timeout=60,
                          files={"image": (image.name, image.read_bytes(), "application/gzip")},

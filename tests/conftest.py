@@ -6,6 +6,7 @@ import faulthandler
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ TOTALSEG_MAP = {"1": "spleen", "2": "kidney_right", "3": "kidney_left", "5": "li
 def dataset(client, tokens) -> dict:  # type: ignore[no-untyped-def]
     response = client.post(
         "/api/v1/datasets",
-        json={"name": "abdomen", "labels": ABDOMEN_LABELS, "window": {"level": 40, "width": 400}},
+        json={"name": "abdomen", "labels": ABDOMEN_LABELS, "window": {"level": 40, "width": 400},
+              "annotators": ["annotator", "annotator2"]},
         headers=tokens.headers("researcher"),
     )
     assert response.status_code == 201, response.text
@@ -228,3 +230,28 @@ def run_jobs():  # type: ignore[no-untyped-def]
         return bool(SimpleWorker(queues, connection=get_redis()).work(burst=True))
 
     return drain
+
+
+@pytest.fixture
+def live_server() -> Iterator[str]:
+    """The real app on a free port, served by uvicorn in a thread; yields its base URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from app.main import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=20)

@@ -1,4 +1,5 @@
-"""Every route × every kind of caller: 401 without a valid token, 403 for a role not allowed.
+"""Every route × every kind of caller: 401 without a valid token, 403 for a role not allowed,
+404 for a dataset (or anything in it) the caller is not a member of.
 
 HOW TO ADD A ROUTE (every helper who adds an endpoint does this):
   add ONE row to ``EXPECTED`` below — ``("METHOD", "/api/v1/path/{param}"): ANYONE | STAFF | ADMIN``
@@ -34,6 +35,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/datasets"): STAFF,
     ("GET", "/api/v1/datasets"): ANYONE,
     ("GET", "/api/v1/datasets/{dataset_id}"): ANYONE,
+    ("GET", "/api/v1/datasets/{dataset_id}/members"): STAFF,
+    ("PUT", "/api/v1/datasets/{dataset_id}/members/{name}"): STAFF,
+    ("DELETE", "/api/v1/datasets/{dataset_id}/members/{name}"): STAFF,
     # volumes
     ("POST", "/api/v1/datasets/{dataset_id}/volumes"): STAFF,
     ("GET", "/api/v1/datasets/{dataset_id}/volumes"): ANYONE,
@@ -58,17 +62,20 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/segmentations/{segmentation_id}"): STAFF,
     ("GET", "/api/v1/volumes/{volume_id}/segmentations"): STAFF,
     ("POST", "/api/v1/segmentations/{segmentation_id}/cancel"): STAFF,
+    ("DELETE", "/api/v1/segmentations/{segmentation_id}"): STAFF,
     ("GET", "/api/v1/segmentations/{segmentation_id}/mask"): STAFF,
     ("GET", "/api/v1/segmentations/{segmentation_id}/slices/{k}.png"): STAFF,
     # exports
     ("POST", "/api/v1/datasets/{dataset_id}/exports"): STAFF,
     ("GET", "/api/v1/exports/{export_id}"): STAFF,
     ("POST", "/api/v1/exports/{export_id}/cancel"): STAFF,
+    ("DELETE", "/api/v1/exports/{export_id}"): STAFF,
     ("GET", "/api/v1/exports/{export_id}/archive"): STAFF,
     # evaluations
     ("POST", "/api/v1/datasets/{dataset_id}/evaluations"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}"): STAFF,
     ("POST", "/api/v1/evaluations/{evaluation_id}/cancel"): STAFF,
+    ("DELETE", "/api/v1/evaluations/{evaluation_id}"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}/summary.json"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}/report"): STAFF,
     ("POST", "/api/v1/evaluations/compare"): STAFF,
@@ -215,6 +222,98 @@ def test_health_and_docs_answer_200_without_token(client):
         assert client.get(path).status_code == 200, path
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# --- member / non-member ------------------------------------------------------------------------
+SCOPED = re.compile(r"\{(dataset_id|volume_id|segmentation_id|export_id|evaluation_id|prompt_id)\}|/tasks/next$")
+
+
+@pytest.fixture
+def real_ids(client, tokens, sm_volume) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """A real resource of every kind, all in the ``dataset`` fixture's dataset."""
+    from app.core.db import session_scope
+    from app.evaluations.models import Evaluation
+    from app.exports.models import Export
+    from tests.helpers_exporteval import add_finished_segmentation
+
+    vid = sm_volume["id"]
+    posted = client.post(f"/api/v1/volumes/{vid}/prompts", headers=tokens.headers("annotator"),
+                         json={"boxes": [{"slice": 3, "label": "liver", "box": [10, 10, 50, 50]}]})
+    assert posted.status_code == 201, posted.text
+    sid, _, _ = add_finished_segmentation(vid)
+    with session_scope() as session:
+        export = Export(dataset_id=sm_volume["dataset_id"], format="nnunet-v2", params={}, created_by="researcher")
+        evaluation = Evaluation(dataset_id=sm_volume["dataset_id"], params={}, created_by="researcher")
+        session.add_all([export, evaluation])
+        session.commit()
+        ids = {"export_id": export.id, "evaluation_id": evaluation.id}
+    return {"dataset_id": str(sm_volume["dataset_id"]), "volume_id": str(vid), "segmentation_id": str(sid),
+            "prompt_id": str(posted.json()["ids"][0]), **{k: str(v) for k, v in ids.items()},
+            "k": "3", "name": "annotator"}
+
+
+@pytest.mark.parametrize("role", ["researcher", "annotator"])
+def test_non_members_find_nothing_of_a_dataset(client, tokens, real_ids, role):  # type: ignore[no-untyped-def]
+    """Every route that names a dataset or anything in it answers 404 to a token that is not a member
+    (the same answer as for an id that does not exist), and never changes anything."""
+    from app.auth.models import Role
+    from app.auth.service import create_token
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        _, secret = create_token(session, f"outsider-{role}", Role(role))
+        session.commit()
+    outsider = {"Authorization": f"Bearer {secret}"}
+    scoped = [r for r in API_ROUTES if SCOPED.search(r[1])]
+    assert len(scoped) >= 30
+    problems = []
+    for method, path in scoped:
+        url = PLACEHOLDER.sub(lambda m: real_ids[m.group(1)], path)
+        if path.endswith("/tasks/next"):
+            url += f"?dataset={real_ids['dataset_id']}"
+        response = client.request(method, url, headers=outsider, **({"json": {}} if method in ("POST", "PUT") else {}))
+        if response.status_code != 404 or not response.json()["detail"].endswith("not found"):
+            problems.append(f"{method} {path}: {response.status_code} {response.text[:120]}")
+    assert not problems, problems
+    # Nothing changed: the member still sees their dataset, prompt and volume as before.
+    member = tokens.headers("annotator")
+    assert client.get(f"/api/v1/volumes/{real_ids['volume_id']}", headers=member).status_code == 200
+    prompts = client.get(f"/api/v1/volumes/{real_ids['volume_id']}/prompts", headers=member).json()
+    assert prompts["total"] == 1
+    listed = client.get("/api/v1/datasets", headers=outsider)
+    assert listed.status_code == 200 and listed.json() == []
+
+
+def test_members_are_managed_by_owners_and_take_effect(client, tokens, real_ids):  # type: ignore[no-untyped-def]
+    from app.auth.models import Role
+    from app.auth.service import create_token
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        _, newcomer = create_token(session, "newcomer", Role.annotator)
+        _, colleague = create_token(session, "colleague", Role.researcher)
+        session.commit()
+    dataset = f"/api/v1/datasets/{real_ids['dataset_id']}"
+    owner = tokens.headers("researcher")
+    listed = client.get(f"{dataset}/members", headers=owner).json()
+    assert {(m["name"], m["role"]) for m in listed} == {
+        ("researcher", "owner"), ("annotator", "annotator"), ("annotator2", "annotator")}
+    headers = {"Authorization": f"Bearer {newcomer}"}
+    assert client.get(dataset, headers=headers).status_code == 404
+    added = client.put(f"{dataset}/members/newcomer", headers=owner)
+    assert added.status_code == 200 and added.json()["role"] == "annotator"
+    assert client.put(f"{dataset}/members/newcomer", headers=owner).status_code == 200  # idempotent
+    assert client.get(dataset, headers=headers).status_code == 200
+    assert client.delete(f"{dataset}/members/newcomer", headers=owner).status_code == 204
+    assert client.get(dataset, headers=headers).status_code == 404  # at once in this process
+    # A researcher who is not an owner cannot manage it; an owner cannot leave it without an owner.
+    assert client.put(f"{dataset}/members/colleague", headers={"Authorization": f"Bearer {colleague}"}
+                      ).status_code == 404
+    last = client.delete(f"{dataset}/members/researcher", headers=owner)
+    assert last.status_code == 409 and "last owner" in last.json()["detail"]
+    assert client.put(f"{dataset}/members/no-such-token", headers=owner).status_code == 422
+    assert client.put(f"{dataset}/members/admin", headers=owner).status_code == 422  # admins need no row
+    assert client.put(f"{dataset}/members/annotator", headers=tokens.headers("annotator")).status_code == 403
 
 
 # --- with real resources --------------------------------------------------------------------------

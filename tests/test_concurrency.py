@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 
 import httpx
-import pytest
-import uvicorn
 from sqlalchemy import func, select
 
 from app.auth.models import Role
 from app.auth.service import create_token
 from app.core.db import session_scope
-from app.main import create_app
+from app.datasets.access import add_member
+from app.datasets.models import Dataset
 from app.prompts.models import Prompt
 
 N_CLIENTS = 50
@@ -27,29 +24,15 @@ BATCH = 10
 N_ANNOTATORS = 5
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
-    """The real app on a free port, served by uvicorn in a thread."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=20)
-
-
-def test_concurrent_clients_with_retries_store_each_box_once(server, client, tokens, sm_volume):
+def test_concurrent_clients_with_retries_store_each_box_once(live_server, client, tokens, sm_volume):
     headers = []
     with session_scope() as session:
+        dataset = session.get(Dataset, sm_volume["dataset_id"])
+        assert dataset is not None
         for i in range(N_ANNOTATORS):
-            headers.append({"Authorization": f"Bearer {create_token(session, f'crowd{i}', Role.annotator)[1]}"})
+            row, secret = create_token(session, f"crowd{i}", Role.annotator)
+            add_member(session, dataset, row)
+            headers.append({"Authorization": f"Bearer {secret}"})
         session.commit()
     rng = random.Random(0)
     batches = []
@@ -75,7 +58,7 @@ def test_concurrent_clients_with_retries_store_each_box_once(server, client, tok
     statuses: list[int] = []
     lock = threading.Lock()
     barrier = threading.Barrier(N_CLIENTS)
-    url = f"{server}/api/v1/volumes/{sm_volume['id']}/prompts"
+    url = f"{live_server}/api/v1/volumes/{sm_volume['id']}/prompts"
 
     def run(plan: list[int]) -> None:
         with httpx.Client(timeout=60) as http:

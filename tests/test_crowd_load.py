@@ -14,7 +14,8 @@ def test_a_crowd_of_200_loses_nothing_and_stores_nothing_twice(tmp_path) -> None
     researcher, annotators = make_tokens(20)
     with serve(os.environ, log=tmp_path / "api.log") as server:
         base = server.base
-        dataset_id, _ = create_dataset(base, researcher, "crowd", CT_DIR / "example_ct_sm.nii.gz", copies=3)
+        dataset_id, _ = create_dataset(base, researcher, "crowd", CT_DIR / "example_ct_sm.nii.gz", copies=3,
+                                       annotators=[name for name, _ in annotators])
         cfg = LoadConfig(clients=200, actions=2, think_s=0.2, seed=1)
         stats, ledger = asyncio.run(run_load(base, annotators, dataset_id, cfg))
     lost, duplicated = verify(_libpq(os.environ["DATABASE_URL"]), ledger, [name for name, _ in annotators])

@@ -71,11 +71,16 @@ def test_invalid_datasets_are_422_naming_the_problem(client, tokens, body, needl
 
 def test_list_and_get(client, tokens, dataset):
     second = create(client, tokens, {"name": "liver-only", "labels": {"liver": 1}}).json()
-    listed = client.get("/api/v1/datasets", headers=tokens.headers("annotator"))
+    listed = client.get("/api/v1/datasets", headers=tokens.headers("researcher"))  # the owner of both
     assert listed.status_code == 200
     assert [d["id"] for d in listed.json()] == [dataset["id"], second["id"]]
-    one = client.get(f"/api/v1/datasets/{second['id']}", headers=tokens.headers("annotator"))
+    one = client.get(f"/api/v1/datasets/{second['id']}", headers=tokens.headers("researcher"))
     assert one.status_code == 200 and one.json() == second
+    # An annotator sees only the datasets they may label ("annotator" is a member of the first only).
+    mine = client.get("/api/v1/datasets", headers=tokens.headers("annotator")).json()
+    assert [d["id"] for d in mine] == [dataset["id"]]
+    hidden = client.get(f"/api/v1/datasets/{second['id']}", headers=tokens.headers("annotator"))
+    assert hidden.status_code == 404 and hidden.json()["detail"] == f"dataset {second['id']} not found"
     missing = client.get("/api/v1/datasets/999", headers=tokens.headers("researcher"))
     assert missing.status_code == 404
     assert missing.json() == {"detail": "dataset 999 not found"}
@@ -117,11 +122,14 @@ def _race(create) -> BaseException | None:  # type: ignore[no-untyped-def]
 
 
 def test_concurrent_duplicate_dataset_name_is_conflict_not_500():
+    from app.auth.models import Role
     from app.core.errors import Conflict
+    from app.core.security import Principal
     from app.datasets.schemas import DatasetCreate
     from app.datasets.service import create_dataset
 
-    error = _race(lambda s: create_dataset(s, DatasetCreate(name="race", labels={"liver": 1})))
+    admin = Principal(0, "admin", Role.admin)  # admins own no membership row: only the name can collide
+    error = _race(lambda s: create_dataset(s, DatasetCreate(name="race", labels={"liver": 1}), admin))
     assert isinstance(error, Conflict) and "race" in error.detail
 
 

@@ -245,9 +245,10 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def create_dataset(base: str, researcher: str, name: str) -> int:
+def create_dataset(base: str, researcher: str, name: str, annotators: list[str] | None = None) -> int:
     response = httpx.post(f"{base}/api/v1/datasets", headers=bearer(researcher), timeout=CLIENT_TIMEOUT_S,
-                          json={"name": name, "labels": ABDOMEN_LABELS, "window": {"level": 40, "width": 400}})
+                          json={"name": name, "labels": ABDOMEN_LABELS, "window": {"level": 40, "width": 400},
+                                "annotators": annotators or []})
     assert response.status_code == 201, response.text
     return int(response.json()["id"])
 
@@ -416,7 +417,7 @@ class Crowd:
 
 
 def start_crowd(base: str, researcher: str, annotators: list[tuple[str, str]], name: str) -> Crowd:
-    dataset_id = create_dataset(base, researcher, name)
+    dataset_id = create_dataset(base, researcher, name, [annotator for annotator, _ in annotators])
     response = post_volume(base, researcher, dataset_id, "sm", CT_DIR / "example_ct_sm.nii.gz")
     assert response.status_code == 201, response.text
     volume = response.json()

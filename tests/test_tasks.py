@@ -36,8 +36,16 @@ def kidney_volume(client, tokens, dataset) -> dict:  # type: ignore[no-untyped-d
 
 
 def _token(name: str, role: Role = Role.annotator) -> dict[str, str]:
+    """A new annotator of every dataset there is."""
+    from sqlalchemy import select
+
+    from app.datasets.access import add_member
+    from app.datasets.models import Dataset
+
     with session_scope() as session:
-        _, token = create_token(session, name, role)
+        row, token = create_token(session, name, role)
+        for dataset in session.scalars(select(Dataset)):
+            add_member(session, dataset, row)
         session.commit()
     return {"Authorization": f"Bearer {token}"}
 
@@ -156,7 +164,7 @@ def test_lease_capacity_and_expiry():
 
 
 def test_without_reference_every_slice_is_offered(client, tokens):
-    r = client.post("/api/v1/datasets", json={"name": "plain", "labels": {"liver": 1}},
+    r = client.post("/api/v1/datasets", json={"name": "plain", "labels": {"liver": 1}, "annotators": ["annotator"]},
                     headers=tokens.headers("researcher"))
     ds = r.json()["id"]
     assert _next(client, tokens.headers("annotator"), ds).status_code == 204  # no volumes yet
@@ -174,3 +182,29 @@ def test_reference_slices_across_volumes(client, tokens, dataset, kidney_volume)
     order = _work_through(client, tokens.headers("annotator"), dataset["id"])
     assert len(order) == 2 * len(_expected_interest())
     assert {v for v, _ in order} == {kidney_volume["id"], other.json()["id"]}
+
+
+def test_a_tasks_only_dataset_takes_prompts_only_on_handed_out_slices(client, tokens):  # type: ignore[no-untyped-def]
+    import uuid
+
+    created = client.post("/api/v1/datasets", headers=tokens.headers("researcher"), json={
+        "name": "strict", "labels": {"liver": 5, "spleen": 1}, "tasks_only": True, "annotators": ["annotator"]})
+    assert created.status_code == 201 and created.json()["tasks_only"] is True
+    ds = created.json()["id"]
+    volume = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz").json()
+    headers = tokens.headers("annotator")
+    url = f"/api/v1/volumes/{volume['id']}/prompts"
+
+    task = _next(client, headers, ds).json()
+    k = task["slice"]
+    other = (k + 1) % volume["n_slices"]
+    refused = client.post(url, headers=headers, json={"seen": [other]})
+    assert refused.status_code == 403 and f"[{other}]" in refused.json()["detail"]
+    box = {"slice": k, "label": "liver", "box": [10, 10, 40, 40], "client_id": str(uuid.uuid4())}
+    first = client.post(url, headers=headers, json={"boxes": [box]})
+    assert first.status_code == 201, first.text
+    # The lease went with the first answer; a retry of the same request (a lost response) still succeeds.
+    retry = client.post(url, headers=headers, json={"boxes": [box]})
+    assert retry.status_code == 201 and retry.json()["duplicates"] == first.json()["ids"]
+    # Researchers are not bound to tasks.
+    assert client.post(url, headers=tokens.headers("researcher"), json={"seen": [other]}).status_code == 201

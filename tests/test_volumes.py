@@ -159,7 +159,8 @@ def test_window_override_changes_pixels(client, tokens, sm_volume):
 
 def test_dataset_window_is_the_default(client, tokens):
     ds = client.post("/api/v1/datasets", json={"name": "lung", "labels": {"lung": 1},
-                                               "window": {"level": -600, "width": 1500}},
+                                               "window": {"level": -600, "width": 1500},
+                                               "annotators": ["annotator", "annotator2"]},
                      headers=tokens.headers("researcher")).json()
     vid = upload(client, tokens, ds["id"], CT, case_id="c").json()["id"]
     default = client.get(f"/api/v1/volumes/{vid}/slices/3.png", headers=tokens.headers("annotator"))

@@ -48,6 +48,8 @@ def page(browser):  # type: ignore[no-untyped-def]
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The pages run under `Content-Security-Policy: default-src 'self'`: a blocked script, style or image fails.
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -74,8 +76,26 @@ def reference_box(k: int, value: int) -> tuple[float, float, float, float]:
     return box
 
 
+def wait_js(page, expression: str, arg: object = None, timeout: float = 30_000) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``expression`` until truthy. Not ``page.wait_for_function``: its predicate is built with
+    ``new Function`` inside the page, which the pages' CSP (no ``unsafe-eval``) rightly blocks."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        try:
+            if page.evaluate(expression, arg) if arg is not None else page.evaluate(expression):
+                return
+        except PlaywrightError as exc:  # the page navigated (e.g. reloaded itself) while we asked: ask again
+            if "context was destroyed" not in str(exc):
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout / 1000:g} s waiting for {expression}")
+        page.wait_for_timeout(50)
+
+
 def open_annotate(page, server: str, token: str, dataset_id: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    page.goto(f"{server}/annotate?token={token}&dataset={dataset_id}")
+    page.goto(f"{server}/annotate?dataset={dataset_id}#token={token}")  # the fragment never reaches the server
     return wait_task(page)
 
 
@@ -83,7 +103,7 @@ def wait_task(page, previous: tuple[int, int] | None = None) -> tuple[int, int]:
     """Wait until a slice image is shown (a different one than ``previous``); returns (volume, slice)."""
     page.wait_for_selector("#canvas[data-ready='true']", timeout=20_000)
     if previous is not None:
-        page.wait_for_function(
+        wait_js(page,
             "([v, k]) => { const c = document.querySelector('#canvas'); return c.dataset.ready === 'true'"
             " && (c.dataset.volume !== String(v) || c.dataset.slice !== String(k)); }",
             arg=list(previous), timeout=20_000,
@@ -167,7 +187,7 @@ def test_annotator_draws_moves_resizes_and_submits_boxes_in_display_pixels(
     shot(page, "annotate-laptop", doc=True)
 
     page.click("#submit")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Saved')")
+    wait_js(page, "document.querySelector('#status').textContent.startsWith('Saved')")
     next_task = wait_task(page, (volume_id, k))
     assert page.locator("#done").inner_text() == "1 slice done"
 
@@ -188,7 +208,7 @@ def test_annotator_draws_moves_resizes_and_submits_boxes_in_display_pixels(
     draw(page, tablet, kidney)
     shot(page, "annotate-tablet")
     page.click("#submit")
-    page.wait_for_function("document.querySelector('#done').textContent === '2 slices done'")
+    wait_js(page, "document.querySelector('#done').textContent === '2 slices done'")
     stored2 = [p for p in my_prompts(client, tokens, volume_id) if p["label"] == "kidney_left"]
     assert len(stored2) == 1 and stored2[0]["slice"] == next_task[1]
     assert_box(stored2[0]["box"], kidney)
@@ -207,7 +227,7 @@ def test_zoomed_view_and_bone_window_keep_display_coordinates(server, page, clie
     aorta = [55.5, 45.25, 66.75, 57]
     draw(page, screen, aorta)
     page.click("#submit")
-    page.wait_for_function("document.querySelector('#done').textContent === '1 slice done'")
+    wait_js(page, "document.querySelector('#done').textContent === '1 slice done'")
     wait_task(page, (volume_id, k))
     stored = my_prompts(client, tokens, volume_id)
     assert [p["label"] for p in stored] == ["aorta"] and stored[0]["slice"] == k
@@ -232,7 +252,7 @@ def test_touch_draws_a_box_on_a_tablet(server, browser, client, tokens, dataset,
         assert page.locator("#box-list li").count() == 1
         # (a tap right after scrolling the tools panel only stops the scroll, as on any phone: click it)
         page.get_by_role("button", name="Submit boxes").click()
-        page.wait_for_function("document.querySelector('#done').textContent === '1 slice done'")
+        wait_js(page, "document.querySelector('#done').textContent === '1 slice done'")
         wait_task(page, (volume_id, k))
         stored = my_prompts(client, tokens, volume_id)
         assert len(stored) == 1 and stored[0]["label"] == "spleen"
@@ -245,7 +265,7 @@ def test_sign_in_form_and_nothing_here(server, page, client, tokens, dataset, sm
     page.goto(f"{server}/annotate?dataset={dataset['id']}")
     page.get_by_label("Access token").fill("csam_wrong")
     page.get_by_role("button", name="Start annotating").click()
-    page.wait_for_function("document.querySelector('#login-error').textContent.includes('not accepted')")
+    wait_js(page, "document.querySelector('#login-error').textContent.includes('not accepted')")
     page.get_by_label("Access token").fill(tokens.annotator)
     page.get_by_role("button", name="Start annotating").click()
     volume_id, k = wait_task(page)
@@ -257,6 +277,24 @@ def test_sign_in_form_and_nothing_here(server, page, client, tokens, dataset, sm
     coverage = client.get(f"/api/v1/volumes/{volume_id}/coverage", headers=tokens.headers("researcher")).json()
     rows = {row["slice"]: row for row in coverage["slices"]}
     assert rows[k]["seen_by"] == 1 and not any(c["prompts"] for c in rows[k]["labels"].values())
+
+
+def test_token_in_a_query_is_refused_and_the_fragment_is_stripped(server, page, tokens, dataset) -> None:
+    csp = page.goto(f"{server}/annotate?dataset={dataset['id']}").headers["content-security-policy"]
+    assert csp.startswith("default-src 'self'")
+    page.goto(f"{server}/annotate?token={tokens.annotator}&dataset={dataset['id']}")
+    wait_js(page, "document.querySelector('#login-error').textContent.includes('#token=')")
+    assert page.locator("#login").is_visible() and not page.locator("#workspace").is_visible()
+    assert tokens.annotator not in page.url and "token" not in page.url and f"dataset={dataset['id']}" in page.url
+    assert page.evaluate("sessionStorage.getItem('crowdsam.token')") is None  # never kept
+    assert tokens.annotator not in page.content()  # never echoed
+
+    page.goto(f"{server}/annotate?dataset={dataset['id']}#token={tokens.annotator}")
+    wait_js(page, "!location.hash && sessionStorage.getItem('crowdsam.token') !== null")
+    page.wait_for_selector("#workspace:not([hidden])")
+    assert "token" not in page.url
+    assert page.evaluate("sessionStorage.getItem('crowdsam.token')") == tokens.annotator  # the tab only
+    assert page.evaluate("localStorage.getItem('crowdsam.token')") is None
 
 
 def test_submit_survives_a_cut_network_and_a_reload_without_duplicates(
@@ -282,7 +320,7 @@ def test_submit_survives_a_cut_network_and_a_reload_without_duplicates(
     page.route("**/api/v1/volumes/*/prompts", flaky)
     page.click("#submit")
     assert page.locator("#submit").is_disabled()  # no second submission while one is in flight
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Offline')")
+    wait_js(page, "document.querySelector('#status').textContent.startsWith('Offline')")
     deadline = time.monotonic() + 20
     while len(calls) < 3 and time.monotonic() < deadline:
         page.wait_for_timeout(100)
@@ -295,7 +333,7 @@ def test_submit_survives_a_cut_network_and_a_reload_without_duplicates(
     # the connection comes back; the annotator reloads: the saved submission is sent once more
     page.unroute("**/api/v1/volumes/*/prompts")
     page.reload()
-    page.wait_for_function(f"JSON.parse(localStorage.getItem('{OUTBOX}') || '[]').length === 0", timeout=20_000)
+    wait_js(page, f"JSON.parse(localStorage.getItem('{OUTBOX}') || '[]').length === 0", timeout=20_000)
     wait_task(page)
     stored = my_prompts(client, tokens, volume_id)
     assert len(stored) == 2
@@ -340,7 +378,7 @@ def test_review_page_overlays_the_mask(server, page, client, tokens, dataset, sm
     alpha = np.asarray(Image.open(io.BytesIO(mask_png.content)).convert("RGBA"))[..., 3] > 0
     assert alpha.sum() > 100
 
-    page.goto(f"{server}/review/{volume_id}?token={tokens.researcher}&slice={k}")
+    page.goto(f"{server}/review/{volume_id}?slice={k}#token={tokens.researcher}")
     page.wait_for_selector(f"#canvas[data-ready='true'][data-slice='{k}']", timeout=20_000)
     assert "token" not in page.url
     assert page.locator("#segmentation").input_value() == str(seg_id)

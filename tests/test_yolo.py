@@ -23,8 +23,9 @@ CLASSES = {"0": "spleen", "1": "kidney_right", "2": "kidney_left", "5": "liver",
 
 @pytest.fixture
 def yolo_dataset(client, tokens) -> dict:  # type: ignore[no-untyped-def]
-    r = client.post("/api/v1/datasets", json={"name": "abd-yolo", "labels": ABDOMEN_LABELS,
-                                              "prompt_classes": CLASSES}, headers=tokens.headers("researcher"))
+    r = client.post("/api/v1/datasets", json={"name": "abd-yolo", "labels": ABDOMEN_LABELS, "prompt_classes": CLASSES,
+                                              "annotators": ["annotator", "annotator2"]},
+                    headers=tokens.headers("researcher"))
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -228,6 +229,25 @@ def test_bad_zip_bombs_and_too_many_entries(client, tokens, yolo_dataset, monkey
     many = _zip({f"img0001-slice{k:03d}.txt": "" for k in range(6)})
     r = _import(client, tokens, yolo_dataset["id"], [("many.zip", many)])
     assert r.status_code == 422 and "6 entries" in r.text
+    assert _stored() == (0, 0)
+
+
+def test_corrupt_truncated_and_encrypted_zips_are_422(client, tokens, yolo_dataset):
+    _volume(client, tokens, yolo_dataset["id"], "1")
+    good = _zip({"img0001-slice001.txt": "5 0.5 0.5 0.2 0.2\n" * 200})
+    corrupt = bytearray(good)
+    start = corrupt.find(b"img0001-slice001.txt") + len("img0001-slice001.txt")
+    corrupt[start: start + 20] = b"\xff" * 20  # the member's data: a CRC or inflate error
+    encrypted = bytearray(good)
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):  # set the "encrypted" flag in both headers
+        at = encrypted.find(header) + (6 if header == b"PK\x03\x04" else 8)
+        encrypted[at] |= 0x1
+    for name, data, message in [("corrupt.zip", bytes(corrupt), "cannot be extracted"),
+                                ("truncated.zip", good[: len(good) // 2], "not a readable zip"),
+                                ("encrypted.zip", bytes(encrypted), "encrypted"),
+                                ("empty.zip", b"", "not a readable zip")]:
+        r = _import(client, tokens, yolo_dataset["id"], [(name, data)])
+        assert r.status_code == 422 and message in r.text, (name, r.text)
     assert _stored() == (0, 0)
 
 

@@ -71,7 +71,8 @@ def _make_volumes(client, tokens, dataset_id: int, files: dict[str, bytes]) -> d
 def test_seed_crowd_prompts_import_exactly_and_round_trip(client, tokens):
     files = _seed_files()
     assert len(files) == 1182
-    r = client.post("/api/v1/datasets", json={"name": "btcv", "labels": BTCV_LABELS, "prompt_classes": BTCV_CLASSES},
+    r = client.post("/api/v1/datasets", json={"name": "btcv", "labels": BTCV_LABELS, "prompt_classes": BTCV_CLASSES,
+                                              "annotators": ["annotator", "annotator2"]},
                     headers=tokens.headers("researcher"))
     assert r.status_code == 201, r.text
     dataset_id = r.json()["id"]

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.models import ApiToken
+from app.core.pagination import keyset
 
 
 class TokenRepository:
@@ -20,6 +21,10 @@ class TokenRepository:
 
     def list(self) -> Sequence[ApiToken]:
         return self.session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
+
+    def page(self, after: int | None, limit: int) -> Sequence[ApiToken]:
+        """Tokens by id after ``after`` (``limit`` + 1 rows: see :func:`app.core.pagination.keyset`)."""
+        return self.session.scalars(keyset(select(ApiToken), ApiToken.id, after, limit)).all()
 
     def add(self, token: ApiToken) -> ApiToken:
         self.session.add(token)

@@ -6,6 +6,7 @@ from app.auth import service
 from app.auth.repository import TokenRepository
 from app.auth.schemas import Me, TokenCreate, TokenCreated, TokenOut
 from app.core.db import SessionDep
+from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
 from app.core.security import Admin, Anyone, forget_token
 
@@ -26,14 +27,14 @@ def me(principal: Anyone) -> Me:
 )
 def create_token(body: TokenCreate, session: SessionDep, _: Admin) -> TokenCreated:
     """Create an API token (admin). The secret is returned once."""
-    row, secret = service.create_token(session, body.name, body.role)
+    row, secret = service.create_token(session, body.name, body.role, body.expiry())
     return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=secret)
 
 
-@router.get("/tokens", response_model=list[TokenOut], responses=errors(403))
-def list_tokens(session: SessionDep, _: Admin) -> list[TokenOut]:
-    """List API tokens (admin); secrets are never returned."""
-    return [TokenOut.model_validate(t) for t in TokenRepository(session).list()]
+@router.get("/tokens", response_model=list[TokenOut], responses={**LINK_HEADER_DOC, **errors(403, 422)})
+def list_tokens(session: SessionDep, _: Admin, page: PageDep) -> list[TokenOut]:
+    """List API tokens (admin) by id, paginated (``limit``, ``after``, ``Link``); secrets are never returned."""
+    return [TokenOut.model_validate(t) for t in page.rows(TokenRepository(session).page(page.after, page.limit))]
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenOut, responses=errors(403, 404, 422))

@@ -11,15 +11,17 @@ from app.core.errors import Conflict, NotFound
 from app.core.security import hash_token, new_token
 
 
-def create_token(session: Session, name: str, role: Role) -> tuple[ApiToken, str]:
-    """Create a token; returns the row and the secret (shown once)."""
+def create_token(session: Session, name: str, role: Role,
+                 expires_at: datetime | None = None) -> tuple[ApiToken, str]:
+    """Create a token (valid until ``expires_at``, None = until revoked); returns the row and the secret."""
     repo = TokenRepository(session)
     if repo.by_name(name) is not None:
         raise Conflict(f"a token named {name!r} already exists")
     secret = new_token()
     try:
         with session.begin_nested():  # a concurrent request may take the name between check and insert
-            row = repo.add(ApiToken(name=name, role=role, token_hash=hash_token(secret), prefix=secret[:10]))
+            row = repo.add(ApiToken(name=name, role=role, token_hash=hash_token(secret), prefix=secret[:10],
+                                    expires_at=expires_at))
     except IntegrityError as exc:
         raise Conflict(f"a token named {name!r} already exists") from exc
     return row, secret

@@ -23,7 +23,12 @@ class Settings(BaseSettings):
         description="fsspec URL for artefacts; unset = <data_dir>/store",
     )
 
-    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_UPLOAD_BYTES")
+    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_UPLOAD_BYTES",
+                                  description="body limit of uploads: multipart requests to volume upload, YOLO "
+                                              "import and evaluation upload")
+    max_json_bytes: int = Field(default=8 * 1024 * 1024, gt=0, alias="CROWDSAM_MAX_JSON_BYTES",
+                                description="body limit of every other request (JSON is parsed whole in memory); "
+                                            "a bulk of 20k boxes is 3.5-5.3 MiB")
     max_voxels: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_VOXELS")
     upload_memory_bytes: int = Field(default=2 * 1024**3, gt=0, alias="CROWDSAM_UPLOAD_MEMORY_BYTES",
                                      description="memory one volume upload may use to validate its files; a file "
@@ -36,6 +41,14 @@ class Settings(BaseSettings):
     token_cache_s: float = Field(default=10.0, ge=0, alias="CROWDSAM_TOKEN_CACHE_S",
                                  description="a process remembers a valid token this long (0 = never); "
                                              "a revocation reaches other processes within it")
+    rate_limit_per_s: float = Field(default=30.0, ge=0, alias="CROWDSAM_RATE_LIMIT_PER_S",
+                                    description="sustained writes per second per token and route class "
+                                                "(prompts / other writes); 0 = no limit")
+    rate_limit_burst: int = Field(default=60, ge=1, alias="CROWDSAM_RATE_LIMIT_BURST",
+                                  description="writes a token may send at once above the sustained rate")
+    hsts_seconds: int = Field(default=0, ge=0, alias="CROWDSAM_HSTS_SECONDS",
+                              description="Strict-Transport-Security max-age on every response (0 = not sent; "
+                                          "set it only when the API is served over HTTPS)")
 
     checkpoint_dir: Path = Field(default=Path("checkpoints"), alias="CROWDSAM_CHECKPOINT_DIR")
     embedding_cache_entries: int = Field(default=256, alias="CROWDSAM_EMBEDDING_CACHE_ENTRIES",
@@ -44,6 +57,9 @@ class Settings(BaseSettings):
                                        description="on-disk embedding cache bound; oldest evicted first")
     torch_threads: int | None = Field(default=None, alias="CROWDSAM_TORCH_THREADS")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
+    max_active_jobs_per_user: int = Field(default=100, ge=1, alias="CROWDSAM_MAX_ACTIVE_JOBS_PER_USER",
+                                          description="queued + running jobs (all kinds) one token name may "
+                                                      "have; a request past it → 429")
     worker_nice: int = Field(default=10, ge=0, le=19, alias="CROWDSAM_WORKER_NICE",
                              description="workers lower their CPU priority by this much (0 = unchanged), so "
                                          "batch jobs on a shared host yield to the interactive API")

@@ -22,6 +22,7 @@ from app.core.services import database_url
 log = logging.getLogger("crowdsam.db")
 
 ON_ROLLBACK = "crowdsam_on_rollback"
+ON_COMMIT = "crowdsam_on_commit"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -86,13 +87,25 @@ def on_rollback(session: Session, undo: Callable[[], None]) -> None:
     session.info.setdefault(ON_ROLLBACK, []).append(undo)
 
 
+def on_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once the session's transaction has committed (e.g. delete the files of deleted rows);
+    forgotten if it rolls back. A failing action is logged, never raised: the commit stands."""
+    session.info.setdefault(ON_COMMIT, []).append(action)
+
+
 @event.listens_for(Session, "after_commit")
 def _forget_undo(session: Session) -> None:
     session.info.pop(ON_ROLLBACK, None)
+    for action in session.info.pop(ON_COMMIT, []):
+        try:
+            action()
+        except Exception:
+            log.exception("could not finish the side effect of a committed transaction")
 
 
 @event.listens_for(Session, "after_rollback")
 def _undo(session: Session) -> None:
+    session.info.pop(ON_COMMIT, None)
     for undo in session.info.pop(ON_ROLLBACK, []):
         try:
             undo()

@@ -8,6 +8,7 @@
      ├── Conflict        409
      ├── PayloadTooLarge 413
      ├── Invalid         422   (input understood but not acceptable)
+     ├── TooManyRequests 429   (a per-user limit, e.g. active jobs; retry after ``Retry-After``)
      └── ServiceUnavailable 503 (a backing service — Redis, the queue — is unreachable)
 """
 
@@ -54,6 +55,10 @@ class PayloadTooLarge(CrowdsamError):
 
 class Invalid(CrowdsamError):
     status_code = 422
+
+
+class TooManyRequests(CrowdsamError):
+    status_code = 429
 
 
 class ServiceUnavailable(CrowdsamError):

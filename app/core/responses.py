@@ -47,13 +47,15 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     409: _error("Conflicts with the current state (duplicate name, job not finished, ...)"),
     413: _error("Request body or upload too large"),
     422: _error("Invalid input"),
+    429: _error("Too many requests: a per-user limit (e.g. active jobs) or the token's write rate is reached; "
+                "retry after Retry-After"),
     503: _error("Overloaded, or a backing service (PostgreSQL, Redis, the job queue) is unreachable; "
                 "retry after Retry-After"),
     507: _error("Insufficient storage: the server's disk is full; nothing was stored, retry once space is freed"),
 }
 
 # Answered by every /api/v1 route: token checks and admission control / backing services.
-API_ERRORS = (401, 503)
+API_ERRORS = (401, 413, 503)  # 413: any body above its route kind's limit (app.core.limits)
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +20,12 @@ class DatasetCreate(BaseModel):
         default=None, description="YOLO class index → label name, e.g. {'0': 'spleen'}"
     )
     window: Window = Field(default_factory=Window)
+    tasks_only: bool = Field(
+        default=False, description="annotators may post only to slices handed to them by GET /tasks/next "
+                                   "(or that they already worked on)")
+    annotators: list[str] = Field(
+        default_factory=list, max_length=1000,
+        description="names of annotator tokens that may label this dataset (more: PUT .../members/{name})")
 
     @field_validator("labels")
     @classmethod
@@ -56,4 +63,13 @@ class DatasetOut(BaseModel):
     labels: dict[str, int]
     prompt_classes: dict[str, str] | None
     window: Window
+    tasks_only: bool
+    created_at: datetime
+
+
+class MemberOut(BaseModel):
+    token_id: int
+    name: str = Field(description="the token's name (the annotator identity)")
+    token_role: Literal["researcher", "annotator"]
+    role: Literal["owner", "annotator"] = Field(description="owner: manages the dataset; annotator: labels it")
     created_at: datetime

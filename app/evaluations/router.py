@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -12,10 +13,13 @@ from starlette.datastructures import UploadFile
 
 from app.core.admission import heavy
 from app.core.db import SessionDep
+from app.core.disposition import content_disposition
 from app.core.errors import Invalid
+from app.core.idempotency import Idempotency, KeyHeader, canonical_json, fingerprint
 from app.core.responses import Id, errors
 from app.core.security import Principal, Staff
 from app.core.storage import get_storage
+from app.datasets.access import check_member
 from app.datasets.repository import DatasetRepository
 from app.evaluations import service
 from app.evaluations.jobs import KIND
@@ -54,13 +58,18 @@ REQUEST_BODY_DOC: dict[str, Any] = {
     response_model=EvaluationOut,
     status_code=status.HTTP_202_ACCEPTED,
     openapi_extra=REQUEST_BODY_DOC,
-    responses=errors(400, 403, 404, 409, 413, 422, 507),
+    responses=errors(400, 403, 404, 409, 413, 422, 429, 507),
 )
 @heavy
-async def create_evaluation(dataset_id: Id, request: Request, session: SessionDep, principal: Staff) -> EvaluationOut:
+async def create_evaluation(dataset_id: Id, request: Request, session: SessionDep, principal: Staff,
+                            key: KeyHeader = None) -> EvaluationOut | Response:
     """Queue an evaluation of a model's segmentations (JSON) or of uploaded predictions (multipart)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
+        # The token (and dataset) checks may have queried: end that read-only transaction, so no pooled
+        # connection sits idle in transaction while a slow client sends the archive (the next query opens one).
+        if session.in_transaction():
+            await run_in_threadpool(session.commit)
         form = await request.form(max_files=1, max_fields=10)
         upload = form.get("predictions")
         if not isinstance(upload, UploadFile):
@@ -72,21 +81,33 @@ async def create_evaluation(dataset_id: Id, request: Request, session: SessionDe
             raise Invalid("nsd_tolerance_mm: must be a number") from exc
         with tempfile.TemporaryDirectory(prefix="crowdsam-upload-") as tmp:
             archive = Path(tmp) / "predictions.archive"
+            digest = hashlib.sha256()
             with archive.open("wb") as out:
                 while chunk := await upload.read(1 << 20):
-                    await run_in_threadpool(out.write, chunk)  # never block the event loop on disk
-            row = await run_in_threadpool(
-                _create_upload, session, dataset_id, archive, label_values, tolerance, principal
-            )
+                    await run_in_threadpool(_write_hashed, out, digest, chunk)  # never block the event loop
+            # A retry sends another multipart boundary: the fingerprint is the fields and the file's content.
+            idempotency = Idempotency(key, fingerprint(request.method, request.url.path, b"multipart",
+                                                       label_values.encode(), repr(tolerance).encode(),
+                                                       digest.hexdigest().encode()))
+            answer = await run_in_threadpool(idempotency.run, session, principal, status.HTTP_202_ACCEPTED, lambda: (
+                service.to_out(_create_upload(session, dataset_id, archive, label_values, tolerance, principal))))
     elif content_type.startswith("application/json"):
+        raw = await request.body()
         try:
-            body = EvaluationFromSegmentation.model_validate_json(await request.body())
+            body = EvaluationFromSegmentation.model_validate_json(raw)
         except ValidationError as exc:
             raise Invalid([{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]) from exc
-        row = await run_in_threadpool(_create_segmentation, session, dataset_id, body, principal)
+        idempotency = Idempotency(key, fingerprint(request.method, request.url.path, canonical_json(raw)))
+        answer = await run_in_threadpool(idempotency.run, session, principal, status.HTTP_202_ACCEPTED, lambda: (
+            service.to_out(_create_segmentation(session, dataset_id, body, principal))))
     else:
         raise Invalid("send JSON {'source': 'segmentation', ...} or multipart/form-data with 'predictions'")
-    return service.to_out(row)
+    return answer
+
+
+def _write_hashed(out: IO[bytes], digest: Any, chunk: bytes) -> None:
+    digest.update(chunk)
+    out.write(chunk)
 
 
 def _submit(session: SessionDep, row: Evaluation) -> Evaluation:
@@ -109,8 +130,11 @@ def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_va
 
 
 @router.post("/evaluations/compare", responses=errors(400, 403, 404, 409, 422))
-def compare_evaluations(body: CompareRequest, session: SessionDep, _: Staff) -> dict[str, Any]:
+def compare_evaluations(body: CompareRequest, session: SessionDep, principal: Staff) -> dict[str, Any]:
     """Paired Wilcoxon signed-rank test (per label and pooled) with n and rank-biserial effect size."""
+    for evaluation_id in (body.a, body.b):
+        evaluation = EvaluationRepository(session).get(evaluation_id)
+        check_member(session, principal, evaluation.dataset_id, "evaluation", evaluation_id)
     return service.compare(session, body)
 
 
@@ -128,12 +152,22 @@ def cancel_evaluation(evaluation_id: Id, session: SessionDep, _: Staff) -> Evalu
     return service.to_out(submit.cancel(session, KIND, evaluation_id))
 
 
+@router.delete(
+    "/evaluations/{evaluation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 409, 422)
+)
+def delete_evaluation(evaluation_id: Id, session: SessionDep, _: Staff) -> Response:
+    """Delete an evaluation, its uploaded predictions and report (once the deletion has committed). A queued
+    one is canceled first; a running one → 409 (cancel it, then delete it)."""
+    submit.delete(session, KIND, evaluation_id, lambda row: [f"evaluations/{row.id}"])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get("/evaluations/{evaluation_id}/summary.json", responses=errors(403, 404, 409, 422))
 def get_summary(evaluation_id: Id, session: SessionDep, _: Staff) -> JSONResponse:
     """nnU-Net-style ``summary.json``: metric_per_case, mean and foreground_mean (label values as keys)."""
     result = service.finished_result(EvaluationRepository(session).get(evaluation_id))
     return JSONResponse(result["summary"], headers={
-        "Content-Disposition": f'inline; filename="evaluation{evaluation_id}_summary.json"'})
+        "Content-Disposition": content_disposition(f"evaluation{evaluation_id}_summary.json", "inline")})
 
 
 @router.get(

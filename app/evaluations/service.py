@@ -27,12 +27,13 @@ from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
 from app.evaluations.statistics import json_safe, paired_wilcoxon
 from app.exports.repository import ExportRepository, latest_finished_segmentation
-from app.imaging.nifti import load_nifti, same_geometry, save_label_map
+from app.imaging.nifti import label_dtype, read_header, read_voxels, same_geometry, save_label_map
 from app.jobs.states import JobStatus
 from app.jobs.submit import stopping
 from app.segmentations import registry
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
+from app.volumes.service import check_upload_memory, reference_bytes_per_voxel
 
 
 def _volumes_with_reference(session: Session, dataset: Dataset) -> list[Volume]:
@@ -119,7 +120,7 @@ def create_from_upload(
         no_ref = sorted(c for c in unpacked.files if not by_case[c].has_reference)
         if no_ref:
             raise Invalid(f"predictions: cases without a reference cannot be evaluated: {no_ref[:20]}")
-        converted = {case: _validated_prediction(path, by_case[case], value_map, Path(tmp))
+        converted = {case: _validated_prediction(path, by_case[case], dataset, value_map, Path(tmp))
                      for case, path in sorted(unpacked.files.items())}
         missing = sorted(v.case_id for v in by_case.values() if v.has_reference and v.case_id not in converted)
         row = _new_row(session, dataset, None, principal)  # its id names the stored predictions
@@ -140,27 +141,43 @@ def create_from_upload(
     return row
 
 
-def _validated_prediction(path: Path, volume: Volume, value_map: dict[int, int], tmp: Path) -> Path:
+def _validated_prediction(path: Path, volume: Volume, dataset: Dataset, value_map: dict[int, int],
+                          tmp: Path) -> Path:
+    """The prediction in the dataset's label values, checked from its header before a voxel is decoded.
+
+    Shape and affine must be the image's, and the file must fit the per-upload memory budget of a volume's
+    reference (stored voxels + a label map; ``CROWDSAM_UPLOAD_MEMORY_BYTES``, 413 otherwise); values are then
+    checked and mapped chunk by chunk (DESIGN §9 "Upload memory").
+    """
     settings = get_settings()
     what = f"prediction {volume.case_id}"
-    loaded = load_nifti(path, what, max_voxels=settings.max_voxels, max_dim=settings.max_dim)
-    if list(loaded.data.shape) != list(volume.shape):
-        raise Invalid(f"{what}: shape {list(loaded.data.shape)} differs from the image's {volume.shape}")
-    if not same_geometry(loaded.affine, volume.affine):
+    header = read_header(path, what, max_voxels=settings.max_voxels, max_dim=settings.max_dim)
+    if list(header.shape) != list(volume.shape):
+        raise Invalid(f"{what}: shape {list(header.shape)} differs from the image's {volume.shape}")
+    if not same_geometry(header.affine, volume.affine):
         raise Invalid(f"{what}: affine differs from the image's (predictions must share its geometry)")
-    data = loaded.data
-    if data.dtype.kind == "f" and not np.all(data == np.round(data)):
-        raise Invalid(f"{what}: label map has non-integer values")
-    values = np.unique(data).astype(np.int64)
-    bad = [int(v) for v in values if int(v) not in value_map]
-    if bad:
-        raise Invalid(f"{what}: values {bad[:20]} are not labels (allowed: {sorted(value_map)})")
-    table = np.zeros(int(values.max(initial=0)) + 1, dtype=np.int32)
-    for source, target in value_map.items():
-        if source < table.size:
-            table[source] = target
+    check_upload_memory(header, reference_bytes_per_voxel(header, dataset), settings.upload_memory_bytes)
+    voxels = read_voxels(header)  # NaN / infinite values are refused here
+    present: set[int] = set()
+    bad: set[int] = set()
+    for _, chunk in voxels.chunks():
+        if voxels.dtype.kind == "f" and not np.all(chunk == np.round(chunk)):
+            raise Invalid(f"{what}: label map has non-integer values")
+        for value in np.unique(chunk).astype(np.int64).tolist():
+            (present if value in value_map else bad).add(value)
+        if bad:  # at the first chunk with one: the set stays as small as a chunk
+            raise Invalid(f"{what}: values {sorted(bad)[:20]} are not labels (allowed: {sorted(value_map)})")
+    mapped = {source: value_map[source] for source in present if value_map[source] != 0}
+    out_labels = np.zeros(voxels.shape, dtype=label_dtype(max(mapped.values(), default=0)), order=voxels.order)
+    if mapped:
+        flat = voxels.flat(out_labels)
+        for part, chunk in voxels.chunks():
+            block = flat[part]
+            for source, target in mapped.items():
+                block[chunk == source] = target
+    del voxels
     out = tmp / f"{volume.case_id}.dataset.nii.gz"
-    save_label_map(table[data.astype(np.int64)], loaded.image, out)
+    save_label_map(out_labels, header.image, out)
     return out
 
 

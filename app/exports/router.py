@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.core.db import SessionDep
+from app.core.disposition import content_disposition
+from app.core.idempotency import IdempotencyDep
 from app.core.responses import Id, errors
 from app.core.security import Staff
 from app.core.storage import get_storage
@@ -23,14 +25,20 @@ router = APIRouter(tags=["exports"])
     "/datasets/{dataset_id}/exports",
     response_model=ExportOut,
     status_code=status.HTTP_202_ACCEPTED,
-    responses=errors(400, 403, 404, 409, 422),
+    responses=errors(400, 403, 404, 409, 422, 429),
 )
-def create_export(dataset_id: Id, body: ExportCreate, session: SessionDep, principal: Staff) -> ExportOut:
+def create_export(
+    dataset_id: Id, body: ExportCreate, session: SessionDep, principal: Staff, idempotency: IdempotencyDep
+) -> ExportOut | Response:
     """Queue an nnU-Net v2 raw dataset export (checked completely before it is queued)."""
-    dataset = DatasetRepository(session).get(dataset_id)
-    row = service.create_export(session, dataset, body, principal)
-    submit.submit(session, KIND, [row])
-    return service.to_out(row)
+
+    def create() -> ExportOut:
+        dataset = DatasetRepository(session).get(dataset_id)
+        row = service.create_export(session, dataset, body, principal)
+        submit.submit(session, KIND, [row])
+        return service.to_out(row)
+
+    return idempotency.run(session, principal, status.HTTP_202_ACCEPTED, create)
 
 
 @router.get("/exports/{export_id}", response_model=ExportOut, responses=errors(403, 404, 422))
@@ -43,6 +51,14 @@ def get_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
 def cancel_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
     """Cancel: a queued export never runs; a running one stops at its next case (nothing half-written stays)."""
     return service.to_out(submit.cancel(session, KIND, export_id))
+
+
+@router.delete("/exports/{export_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 409, 422))
+def delete_export(export_id: Id, session: SessionDep, _: Staff) -> Response:
+    """Delete an export and its files (once the deletion has committed). A queued one is canceled first;
+    a running one → 409 (cancel it, then delete it)."""
+    submit.delete(session, KIND, export_id, lambda row: [f"exports/{row.id}"])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get(
@@ -66,7 +82,7 @@ def download_archive(export_id: Id, session: SessionDep, _: Staff) -> StreamingR
                 yield chunk
 
     headers = {
-        "Content-Disposition": f'attachment; filename="{folder}.tar.gz"',
+        "Content-Disposition": content_disposition(f"{folder}.tar.gz"),
         "Content-Length": str(get_storage().size(key)),
     }
     return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)

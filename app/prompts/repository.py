@@ -102,6 +102,13 @@ class PromptRepository:
             duplicates.append(prompt_id)
         return InsertOutcome(ids, duplicates)
 
+    def seen_by(self, volume_id: int, annotator: str, slices: Iterable[int]) -> set[int]:
+        """The slices of ``slices`` that ``annotator`` has already seen (worked on)."""
+        stmt = select(SliceView.slice_index).where(
+            SliceView.volume_id == volume_id, SliceView.annotator == annotator,
+            SliceView.slice_index.in_(sorted(set(slices))))
+        return {int(k) for k in self.session.scalars(stmt)}
+
     def mark_seen(self, volume_id: int, views: Iterable[tuple[int, str]], source: str) -> None:
         """Record (slice, annotator) views of a volume; existing views are kept as they are."""
         ordered = sorted(set(views), key=lambda v: (v[1], v[0]))

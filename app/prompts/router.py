@@ -6,6 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from app.core.admission import heavy
 from app.core.db import SessionDep
+from app.core.disposition import content_disposition
 from app.core.errors import PayloadTooLarge
 from app.core.responses import BigId, Id, errors
 from app.core.security import Anyone, Staff
@@ -32,7 +33,7 @@ router = APIRouter(tags=["prompts"])
     "/volumes/{volume_id}/prompts",
     response_model=PostResult,
     status_code=status.HTTP_201_CREATED,
-    responses=errors(400, 404, 409, 422),
+    responses=errors(400, 403, 404, 409, 422),
 )
 def post_prompts(volume_id: Id, body: PromptBatch, session: SessionDep, who: Anyone) -> PostResult:
     """Store boxes/points (display pixels) and seen slices; all-or-nothing, idempotent per client_id."""
@@ -117,7 +118,7 @@ def export_yolo(
     data = yolo_service.export_yolo(session, volume, dataset, convention, annotator)
     name = f"{volume.case_id}_prompts_{convention}.zip"
     return Response(data, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+                    headers={"Content-Disposition": content_disposition(name)})
 
 
 @router.post(

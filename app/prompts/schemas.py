@@ -31,12 +31,17 @@ class PointIn(BaseModel):
     client_id: uuid.UUID | None = None
 
 
+MAX_ITEMS_PER_REQUEST = 20_000  # boxes + points, and seen slices, per request (the body limit is sized for it)
+
+
 class PromptBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    boxes: list[BoxIn] = Field(default_factory=list)
-    points: list[PointIn] = Field(default_factory=list)
-    seen: list[int] = Field(default_factory=list, description="slices seen (also when nothing was drawn)")
+    boxes: list[BoxIn] = Field(default_factory=list, max_length=MAX_ITEMS_PER_REQUEST,
+                               description=f"at most {MAX_ITEMS_PER_REQUEST} boxes + points per request")
+    points: list[PointIn] = Field(default_factory=list, max_length=MAX_ITEMS_PER_REQUEST)
+    seen: list[int] = Field(default_factory=list, max_length=MAX_ITEMS_PER_REQUEST,
+                            description="slices seen (also when nothing was drawn)")
 
 
 class PostResult(BaseModel):

@@ -16,6 +16,7 @@ from app.imaging.coords import display_shape
 from app.prompts.models import Prompt
 from app.prompts.repository import InsertOutcome, PromptFilter, PromptRepository
 from app.prompts.schemas import (
+    MAX_ITEMS_PER_REQUEST,
     CoverageLabel,
     CoverageOut,
     CoverageSlice,
@@ -28,7 +29,6 @@ from app.prompts.validation import Problems, check_box, check_point, check_slice
 from app.tasks import leases
 from app.volumes.models import Volume
 
-MAX_ITEMS_PER_REQUEST = 20_000
 SOURCES = ("api", "yolo-import", "simulated")
 
 
@@ -104,11 +104,24 @@ def post_prompts(session: Session, volume: Volume, dataset: Dataset, who: Princi
         if (reason := check_slice(k, volume.n_slices)) is not None:
             problems.add(["seen", i], reason, index=i)
     problems.raise_if_any()
+    seen = sorted({r["slice_index"] for r in rows} | set(batch.seen))
+    if who.is_annotator and dataset.tasks_only:
+        _check_tasks(session, volume, who, seen)
 
     outcome = PromptRepository(session).insert_many(rows)
-    seen = sorted({r["slice_index"] for r in rows} | set(batch.seen))
     record_views(session, volume, ((k, who.name) for k in seen), "api")
     return PostResult(ids=outcome.ids, duplicates=outcome.duplicates, seen=seen)
+
+
+def _check_tasks(session: Session, volume: Volume, who: Principal, slices: list[int]) -> None:
+    """A ``tasks_only`` dataset: every slice must be leased to the annotator or already worked on by them
+    (a retry after the lease was released by the first, acknowledged attempt)."""
+    missing = set(slices) - leases.held(volume.id, slices, who.name)
+    if missing:
+        missing -= PromptRepository(session).seen_by(volume.id, who.name, missing)
+    if missing:
+        raise Forbidden(f"slices {sorted(missing)[:20]} of volume {volume.id} are not among your tasks: this "
+                        "dataset accepts prompts only on slices handed out by GET /tasks/next")
 
 
 def store_boxes(session: Session, volume: Volume, boxes: list[BoxRow], seen: Iterable[tuple[int, str]],

@@ -17,6 +17,7 @@ import math
 import posixpath
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -111,7 +112,7 @@ def expand_uploads(uploads: Iterable[tuple[str, bytes]]) -> tuple[list[tuple[str
                 try:
                     with archive.open(member) as fh:
                         content = fh.read(MAX_FILE_BYTES + 1)
-                except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
+                except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError, zlib.error) as exc:
                     errors.append(YoloError(name, None, f"cannot be extracted ({exc})"))
                     continue
                 total += len(content)

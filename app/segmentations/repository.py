@@ -8,6 +8,7 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
+from app.core.pagination import keyset
 from app.prompts.models import Prompt
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
@@ -37,6 +38,11 @@ class SegmentationRepository:
             .where(Segmentation.volume_id == volume_id)
             .order_by(Segmentation.created_at.desc(), Segmentation.id.desc())
         ).all()
+
+    def page_for_volume(self, volume_id: int, after: int | None, limit: int) -> Sequence[Segmentation]:
+        """A volume's segmentations, newest (highest id) first, after ``after`` (``limit`` + 1 rows)."""
+        stmt = select(Segmentation).where(Segmentation.volume_id == volume_id)
+        return self.session.scalars(keyset(stmt, Segmentation.id, after, limit, descending=True)).all()
 
     def prompts(self, volume_id: int, labels: Sequence[str] | None = None) -> Sequence[Prompt]:
         """The volume's prompts in a stable order (the engine's input must not depend on row order)."""

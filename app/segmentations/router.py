@@ -8,7 +8,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
+from app.core.disposition import content_disposition
 from app.core.errors import Conflict, Invalid
+from app.core.idempotency import IdempotencyDep
+from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
@@ -34,34 +37,42 @@ def list_models(_: Anyone) -> list[ModelOut]:
 
 @router.post(
     "/volumes/{volume_id}/segmentations", response_model=SegmentationOut, status_code=status.HTTP_202_ACCEPTED,
-    responses=errors(400, 403, 404, 409, 422),
+    responses=errors(400, 403, 404, 409, 422, 429),
 )
 def create_segmentation(
-    volume_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff
-) -> SegmentationOut:
+    volume_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff, idempotency: IdempotencyDep
+) -> SegmentationOut | Response:
     """Segment a volume's prompts with a model; poll GET /segmentations/{id} for progress."""
-    volume = VolumeRepository(session).get(volume_id)
-    dataset = DatasetRepository(session).get(volume.dataset_id)
-    row = service.create(session, volume, dataset, body, principal)
-    submit.submit(session, KIND, [row])
-    return service.to_out(row)
+
+    def create() -> SegmentationOut:
+        volume = VolumeRepository(session).get(volume_id)
+        dataset = DatasetRepository(session).get(volume.dataset_id)
+        row = service.create(session, volume, dataset, body, principal)
+        submit.submit(session, KIND, [row])
+        return service.to_out(row)
+
+    return idempotency.run(session, principal, status.HTTP_202_ACCEPTED, create)
 
 
 @router.post(
     "/datasets/{dataset_id}/segmentations",
     response_model=DatasetSegmentationsOut,
     status_code=status.HTTP_202_ACCEPTED,
-    responses=errors(400, 403, 404, 409, 422),
+    responses=errors(400, 403, 404, 409, 422, 429),
 )
 def create_dataset_segmentations(
-    dataset_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff
-) -> DatasetSegmentationsOut:
+    dataset_id: Id, body: SegmentationCreate, session: SessionDep, principal: Staff, idempotency: IdempotencyDep
+) -> DatasetSegmentationsOut | Response:
     """Segment every volume of a dataset that has prompts (one job per volume)."""
-    dataset = DatasetRepository(session).get(dataset_id)
-    volumes = VolumeRepository(session).list_for_dataset(dataset_id)
-    rows, skipped = service.create_for_dataset(session, dataset, volumes, body, principal)
-    submit.submit(session, KIND, rows)
-    return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
+
+    def create() -> DatasetSegmentationsOut:
+        dataset = DatasetRepository(session).get(dataset_id)
+        volumes = VolumeRepository(session).list_for_dataset(dataset_id)
+        rows, skipped = service.create_for_dataset(session, dataset, volumes, body, principal)
+        submit.submit(session, KIND, rows)
+        return DatasetSegmentationsOut(ids=[r.id for r in rows], skipped=skipped)
+
+    return idempotency.run(session, principal, status.HTTP_202_ACCEPTED, create)
 
 
 @router.get("/segmentations/{segmentation_id}", response_model=SegmentationOut, responses=errors(403, 404, 422))
@@ -70,11 +81,13 @@ def get_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> Segm
     return service.to_out(SegmentationRepository(session).get(segmentation_id))
 
 
-@router.get("/volumes/{volume_id}/segmentations", response_model=list[SegmentationOut], responses=errors(403, 404, 422))
-def list_segmentations(volume_id: Id, session: SessionDep, _: Staff) -> list[SegmentationOut]:
-    """Segmentations of a volume, newest first."""
+@router.get("/volumes/{volume_id}/segmentations", response_model=list[SegmentationOut],
+            responses={**LINK_HEADER_DOC, **errors(403, 404, 422)})
+def list_segmentations(volume_id: Id, session: SessionDep, _: Staff, page: PageDep) -> list[SegmentationOut]:
+    """Segmentations of a volume, newest (highest id) first, paginated (``limit``, ``after``, ``Link``)."""
     VolumeRepository(session).get(volume_id)
-    return [service.to_out(r) for r in SegmentationRepository(session).list_for_volume(volume_id)]
+    rows = SegmentationRepository(session).page_for_volume(volume_id, page.after, page.limit)
+    return [service.to_out(r) for r in page.rows(rows)]
 
 
 @router.post(
@@ -85,6 +98,16 @@ def list_segmentations(volume_id: Id, session: SessionDep, _: Staff) -> list[Seg
 def cancel_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> SegmentationOut:
     """Cancel: a queued job never runs; a running one stops at its next slice."""
     return service.to_out(submit.cancel(session, KIND, segmentation_id))
+
+
+@router.delete(
+    "/segmentations/{segmentation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 409, 422)
+)
+def delete_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> Response:
+    """Delete a segmentation and its mask (files go once the deletion has committed). A queued one is
+    canceled first; a running one, or one a queued/running export or evaluation reads → 409."""
+    service.delete(session, segmentation_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 def _not_modified(request: Request, etag: str) -> bool:
@@ -136,7 +159,7 @@ def download_mask(
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
     if _not_modified(request, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    headers["Content-Disposition"] = f'attachment; filename="{name}.nii.gz"'
+    headers["Content-Disposition"] = content_disposition(f"{name}.nii.gz")
     storage = get_storage()
     if value is not None:
         return Response(masks.binary_mask_nifti(storage, row, value), media_type="application/gzip", headers=headers)

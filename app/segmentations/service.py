@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
 from app.core.security import Principal
 from app.datasets.models import Dataset
+from app.jobs import submit
 from app.jobs.states import JobStatus
 from app.jobs.submit import stopping
 from app.segmentations import registry
@@ -101,6 +103,33 @@ def _check_labels(dataset: Dataset, labels: Sequence[str]) -> None:
     unknown = [name for name in labels if name not in dataset.labels]
     if unknown:
         raise Invalid(f"labels {unknown} are not labels of dataset {dataset.id} (has: {sorted(dataset.labels)})")
+
+
+def delete(session: Session, segmentation_id: int) -> None:
+    """Delete a segmentation and (after the commit) its mask files; see :func:`app.jobs.submit.delete`.
+
+    Refused (409) while a queued or running export or evaluation reads its mask; finished ones keep
+    their files and results (their ``params`` keep the id of the segmentation they used).
+    """
+    from app.evaluations.models import Evaluation
+    from app.exports.models import Export
+
+    row = SegmentationRepository(session).get(segmentation_id, for_update=True)
+    uses = {"cases": [{"segmentation_id": row.id}]}
+    for model, name in ((Export, "export"), (Evaluation, "evaluation")):
+        user = session.scalar(select(model.id).where(model.status.in_(submit.ACTIVE), model.params.contains(uses))
+                              .order_by(model.id).limit(1))
+        if user is not None:
+            raise Conflict(f"segmentation {row.id} is used by {name} {user}, which has not finished: "
+                           "wait for it or cancel it first")
+
+    def files(seg: Segmentation) -> list[str]:
+        keys = [f"volumes/{seg.volume_id}/segmentations/{seg.id}"]
+        if seg.mask_key is not None and not seg.mask_key.startswith(keys[0] + "/"):
+            keys.append(seg.mask_key)
+        return keys
+
+    submit.delete(session, KIND, row.id, files)
 
 
 def to_out(row: Segmentation) -> SegmentationOut:

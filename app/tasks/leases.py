@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -62,6 +63,17 @@ def _slice_key(volume_id: int, k: int) -> str:
 
 def _index_key(dataset_id: int) -> str:
     return f"{PREFIX}:leases:{dataset_id}"
+
+
+def held(volume_id: int, slices: Iterable[int], annotator: str) -> set[int]:
+    """The slices of ``slices`` that ``annotator`` holds an unexpired lease on (one round trip)."""
+    ks = sorted(set(slices))
+    now = time.time()
+    with get_redis().pipeline(transaction=False) as pipe:
+        for k in ks:
+            pipe.zscore(_slice_key(volume_id, k), annotator)
+        scores = pipe.execute()
+    return {k for k, score in zip(ks, scores, strict=True) if score is not None and float(score) > now}
 
 
 def active(dataset_id: int) -> list[Lease]:

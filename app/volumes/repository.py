@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
+from app.core.pagination import keyset
 from app.volumes.models import Volume
 
 
@@ -28,6 +29,11 @@ class VolumeRepository:
         return self.session.scalars(
             select(Volume).where(Volume.dataset_id == dataset_id).order_by(Volume.id)
         ).all()
+
+    def page_for_dataset(self, dataset_id: int, after: int | None, limit: int) -> Sequence[Volume]:
+        """A dataset's volumes by id after ``after`` (``limit`` + 1 rows: see :func:`app.core.pagination.keyset`)."""
+        stmt = select(Volume).where(Volume.dataset_id == dataset_id)
+        return self.session.scalars(keyset(stmt, Volume.id, after, limit)).all()
 
     def add(self, volume: Volume) -> Volume:
         self.session.add(volume)

@@ -10,7 +10,9 @@ from fastapi.responses import StreamingResponse
 
 from app.core.admission import heavy
 from app.core.db import SessionDep
+from app.core.disposition import content_disposition
 from app.core.errors import Invalid, NotFound
+from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
 from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
@@ -93,11 +95,13 @@ def upload_volume(
     return volume_out(volume)
 
 
-@router.get("/datasets/{dataset_id}/volumes", response_model=list[VolumeOut], responses=errors(404, 422))
-def list_volumes(dataset_id: Id, session: SessionDep, _: Anyone) -> list[VolumeOut]:
-    """Volumes of a dataset."""
+@router.get("/datasets/{dataset_id}/volumes", response_model=list[VolumeOut],
+            responses={**LINK_HEADER_DOC, **errors(404, 422)})
+def list_volumes(dataset_id: Id, session: SessionDep, _: Anyone, page: PageDep) -> list[VolumeOut]:
+    """Volumes of a dataset by id, paginated (``limit``, ``after``, ``Link``)."""
     DatasetRepository(session).get(dataset_id)
-    return [volume_out(v) for v in VolumeRepository(session).list_for_dataset(dataset_id)]
+    return [volume_out(v) for v in page.rows(VolumeRepository(session).page_for_dataset(dataset_id, page.after,
+                                                                                       page.limit))]
 
 
 @router.get("/volumes/{volume_id}", response_model=VolumeOut, responses=errors(404, 422))
@@ -172,7 +176,7 @@ def _stream(key: str, filename: str) -> StreamingResponse:
     return StreamingResponse(
         chunks(),
         media_type="application/gzip" if filename.endswith(".gz") else "application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        headers={"Content-Disposition": content_disposition(filename)},
     )
 
 

@@ -195,7 +195,7 @@ def upload_memory_bytes(header: NiftiHeader, bytes_per_voxel: int) -> int:
     return header.n_voxels * bytes_per_voxel + fixed_bytes()
 
 
-def _check_memory(header: NiftiHeader, bytes_per_voxel: int, budget: int) -> None:
+def check_upload_memory(header: NiftiHeader, bytes_per_voxel: int, budget: int) -> None:
     """413 before decoding when the file would need more than the per-upload memory budget."""
     need = upload_memory_bytes(header, bytes_per_voxel)
     if need <= budget:
@@ -233,7 +233,7 @@ def upload_volume(
     _check_filename(image, "image")
     budget = settings.upload_memory_bytes
     header = read_header(image.path, "image", max_voxels=settings.max_voxels, max_dim=settings.max_dim)
-    _check_memory(header, image_bytes_per_voxel(header), budget)
+    check_upload_memory(header, image_bytes_per_voxel(header), budget)
     orientation = Orientation.from_affine(header.affine, header.shape)
     with tempfile.TemporaryDirectory(prefix="crowdsam-upload-") as tmp:
         canonical_path = Path(tmp) / "canonical.npy"
@@ -245,7 +245,7 @@ def upload_volume(
             ref_header = read_header(
                 reference.path, "reference", max_voxels=settings.max_voxels, max_dim=settings.max_dim
             )
-            _check_memory(ref_header, reference_bytes_per_voxel(ref_header, dataset), budget)
+            check_upload_memory(ref_header, reference_bytes_per_voxel(ref_header, dataset), budget)
             ref_voxels = read_voxels(ref_header)
             _check_same_geometry(header, ref_header)
             labels, present = remap_reference(ref_voxels, dataset, reference_options)

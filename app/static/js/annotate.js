@@ -549,9 +549,9 @@ document.addEventListener('keyup', (event) => {
 // ---------------------------------------------------------------- go
 
 bindLoginForm($('login-form'), $('token-input'), (token) => start(token));
-const initial = takeToken();
+const { token: initial, notice } = takeToken();
 if (initial) start(initial);
-else showLogin();
+else showLogin(notice);
 
 // For debugging and tests: a read-only peek at the page state.
 window.crowdsamAnnotate = { state, view, API };

@@ -435,8 +435,8 @@ document.addEventListener('keydown', (event) => {
 new ResizeObserver(() => drawCoverage()).observe($('coverage'));
 
 bindLoginForm($('login-form'), $('token-input'), (token) => start(token));
-const initial = takeToken();
+const { token: initial, notice } = takeToken();
 if (initial) start(initial);
-else showLogin();
+else showLogin(notice);
 
 window.crowdsamReview = { state, view };
