@@ -31,6 +31,7 @@ test: install browser
 lint: install
 	$(VENV)/bin/ruff check app workers tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # one-way import contracts: [tool.importlinter] in pyproject.toml
 
 serve: install
 	$(VENV)/bin/crowdsam serve

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.imaging.coords import Orientation
+from app.imaging.metrics import dice
 
 CROWD = {"annotators": 3, "jitter": 0.05, "coverage": 0.8, "seed": 0}
 
@@ -32,11 +33,6 @@ def _nifti(content: bytes) -> nib.Nifti1Image:
 
 def _canonical(img: nib.Nifti1Image) -> npt.NDArray[Any]:
     return np.asarray(Orientation.from_affine(img.affine, img.shape).canonical(np.asarray(img.dataobj)))
-
-
-def _dice(pred: npt.NDArray[np.bool_], ref: npt.NDArray[np.bool_]) -> float:
-    denom = int(pred.sum() + ref.sum())
-    return float("nan") if denom == 0 else 2.0 * float((pred & ref).sum()) / denom
 
 
 def _wait(api: httpx.Client, sid: int, worker: Callable[[], None], console: Console) -> dict[str, Any]:
@@ -80,7 +76,7 @@ def _dice_tables(pred: npt.NDArray[Any], ref: npt.NDArray[Any], labels: dict[str
             if not r.any() and not p.any():
                 row.append("-")
                 continue
-            d = _dice(p, r)
+            d = dice(r, p)
             if r.any():
                 means[name].append(d)
             row.append(f"{d:.3f}")
@@ -95,7 +91,7 @@ def _dice_tables(pred: npt.NDArray[Any], ref: npt.NDArray[Any], labels: dict[str
         sub_p, sub_r = pred[:, :, prompted] == value, ref[:, :, prompted] == value
         scores = means[name]
         summary.add_row(name, f"{np.mean(scores):.3f}" if scores else "-", str(len(scores)),
-                        f"{_dice(sub_p, sub_r):.3f}", f"{_dice(pred == value, ref == value):.3f}")
+                        f"{dice(sub_r, sub_p):.3f}", f"{dice(ref == value, pred == value):.3f}")
     console.print(summary)
 
 

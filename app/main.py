@@ -17,13 +17,13 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.auth.ratelimit import document_429, write_rate_limit
 from app.auth.router import router as auth_router
 from app.core.admission import Admission, AdmissionMiddleware, configure_threads
 from app.core.config import get_settings
 from app.core.errors import CrowdsamError
 from app.core.headers import SecurityHeadersMiddleware, redact_access_log
 from app.core.limits import BodySizeLimitMiddleware
-from app.core.ratelimit import document_429, write_rate_limit
 from app.core.responses import API_ERRORS, errors
 from app.datasets.access import dataset_access
 from app.datasets.router import router as datasets_router

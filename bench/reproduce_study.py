@@ -39,9 +39,10 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from app.imaging.coords import Orientation  # noqa: E402
+from app.imaging.labelmaps import save_label_map  # noqa: E402
 from app.prompts.simulate import simulate_crowd  # noqa: E402
 from workers.metrics import evaluate_case, nanmean  # noqa: E402
-from workers.nnunet import LabelMapping, write_label_like  # noqa: E402
+from workers.nnunet import LabelMapping  # noqa: E402
 
 CT = ROOT / "data" / "samples" / "totalsegmentator"
 SEED = ROOT / "data" / "samples" / "seed" / "results" / "BTCV"
@@ -86,8 +87,8 @@ def nnunet_ignore_dice(ref: np.ndarray, pred: np.ndarray, image: nib.Nifti1Image
     mapping = LabelMapping(LABELS, with_ignore=True)
     ref_export = mapping.to_export(ref)
     ref_export[unknown] = mapping.ignore_value
-    write_label_like(ref_export, image, tmp / "ref.nii.gz")
-    write_label_like(mapping.to_export(pred), image, tmp / "pred.nii.gz")
+    save_label_map(ref_export, image, tmp / "ref.nii.gz")
+    save_label_map(mapping.to_export(pred), image, tmp / "pred.nii.gz")
     result = compute_metrics(str(tmp / "ref.nii.gz"), str(tmp / "pred.nii.gz"), SimpleITKIO(),
                              list(mapping.export_values.values()), ignore_label=mapping.ignore_value)
     return {name: float(result["metrics"][v]["Dice"]) for name, v in mapping.export_values.items()}

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from app.imaging.coords import Orientation, display_slice, display_to_canonical_slice  # noqa: E402
+from app.imaging.metrics import dice  # noqa: E402
 from app.prompts.simulate import simulate_crowd  # noqa: E402
 from workers.sam.decode import decode, encode  # noqa: E402
 from workers.sam.engine import PromptIn, SegmentationEngine, decode_items, fuse_slice  # noqa: E402
@@ -70,11 +71,10 @@ def dice_table(pred: np.ndarray, ref: np.ndarray, prompted: list[int]) -> list[t
         for k in prompted:
             r, p = ref[:, :, k] == value, pred[:, :, k] == value
             if r.any():
-                per_slice.append(2 * float((r & p).sum()) / float(r.sum() + p.sum()))
+                per_slice.append(dice(r, p))
         r_vol, p_vol = ref == value, pred == value
-        vol = 2 * float((r_vol & p_vol).sum()) / max(float(r_vol.sum() + p_vol.sum()), 1.0)
-        rp, pp = r_vol[:, :, prompted], p_vol[:, :, prompted]
-        vol_prompted = 2 * float((rp & pp).sum()) / max(float(rp.sum() + pp.sum()), 1.0)
+        vol = dice(r_vol, p_vol)  # NaN (nnU-Net) when the organ is absent from both
+        vol_prompted = dice(r_vol[:, :, prompted], p_vol[:, :, prompted])
         rows.append((label, float(np.mean(per_slice)) if per_slice else float("nan"), vol_prompted, vol))
     return rows
 

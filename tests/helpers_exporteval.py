@@ -54,7 +54,7 @@ def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep
     from app.core.db import session_scope
     from app.core.storage import get_storage
     from app.imaging.coords import Orientation
-    from app.imaging.nifti import save_label_map
+    from app.imaging.labelmaps import save_label_map
     from app.segmentations.models import Segmentation
 
     ref, img = reference_array(volume_id)

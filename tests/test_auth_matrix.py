@@ -357,8 +357,8 @@ def test_tokens_are_stored_hashed(tokens):
     from sqlalchemy import select
 
     from app.auth.models import ApiToken
+    from app.auth.security import hash_token
     from app.core.db import session_scope
-    from app.core.security import hash_token
 
     with session_scope() as session:
         row = session.scalar(select(ApiToken).where(ApiToken.name == "annotator"))

@@ -123,8 +123,8 @@ def _race(create) -> BaseException | None:  # type: ignore[no-untyped-def]
 
 def test_concurrent_duplicate_dataset_name_is_conflict_not_500():
     from app.auth.models import Role
+    from app.auth.security import Principal
     from app.core.errors import Conflict
-    from app.core.security import Principal
     from app.datasets.schemas import DatasetCreate
     from app.datasets.service import create_dataset
 

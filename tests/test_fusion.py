@@ -23,7 +23,9 @@ def test_dice_known_values() -> None:
     assert fusion.dice(A, A) == 1.0
     assert fusion.dice(A, _rect(12, 20, 12, 20)) == 0.0
     assert fusion.dice(A, B) == pytest.approx(2 * 36 / 128)
-    assert fusion.dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+    empty = np.zeros((3, 3), bool)
+    assert fusion.dice(empty, empty, empty=fusion.AGREEMENT_WHEN_BOTH_EMPTY) == 1.0  # agreement's convention
+    assert np.isnan(fusion.dice(empty, empty))  # the one Dice's default: nnU-Net's NaN
 
 
 def test_unite_one_annotators_parts() -> None:
@@ -62,7 +64,7 @@ def test_staple_known_answers() -> None:
 
 def test_agreement_is_dice_with_fused() -> None:
     fused = fusion.fuse([A, B, C], "majority")
-    assert fused.agreement == pytest.approx([fusion.dice(m, fused.mask) for m in (A, B, C)])
+    assert fused.agreement == pytest.approx([fusion.dice(m, fused.mask, empty=1.0) for m in (A, B, C)])
     assert fused.agreement[1] > fused.agreement[0]  # the middle rater agrees most with the majority
 
 

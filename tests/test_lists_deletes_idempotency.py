@@ -271,9 +271,9 @@ def test_idempotency_key_on_dataset_jobs_and_evaluations(client, tokens, sm_volu
 
 def test_concurrent_requests_with_one_key_make_one_row(tokens) -> None:  # type: ignore[no-untyped-def]
     """The second claim waits on the first's uncommitted row, then replays its answer."""
+    from app.auth.idempotency import Idempotency
     from app.auth.models import ApiToken
-    from app.core.idempotency import Idempotency
-    from app.core.security import Principal
+    from app.auth.security import Principal
 
     with session_scope() as session:
         token = session.scalar(select(ApiToken).where(ApiToken.name == "researcher"))

@@ -44,10 +44,12 @@ def test_every_cli_command_sets_spawn_before_it_runs() -> None:
 
 
 def test_the_api_process_loads_no_worker_module_and_sets_no_thread_policy() -> None:
-    code = ("import os, sys, app.main, app.segmentations.router; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
+    # Importing the API (and the CLI that serves it) changes no environment variable at all.
+    # The static side of this rule is tests/test_architecture.py (import-linter contracts).
+    code = ("import os, sys; before = dict(os.environ); import app.main, app.segmentations.router, app.cli; "
+            "print(dict(os.environ) == before, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
             "sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'workers'))")
-    assert _python(code) == "None None []"
+    assert _python(code) == "True None None []"
 
 
 @pytest.mark.parametrize(("env", "expected"), [

@@ -153,7 +153,7 @@ def _idle_in_transaction() -> int:
 
 def test_slow_evaluation_upload_holds_no_connection_idle_in_transaction(live_server, client, tokens, dataset):
     server = live_server.removeprefix("http://")
-    from app.core import security
+    from app.auth import security
 
     security._principals.clear()  # the token lookup (a query) runs in this request
     host, port = server.split(":")

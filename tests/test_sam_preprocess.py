@@ -13,6 +13,7 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.build_sam import _build_sam
 
+from app.imaging.render import window_to_uint8
 from workers.sam import preprocess
 from workers.sam.models import build_litemedsam
 
@@ -47,9 +48,11 @@ def ct_with_rectangle() -> np.ndarray:
 
 def test_window_uint8() -> None:
     values = np.array([-1000, -160, 40, 240, 3000])
-    assert preprocess.window_uint8(values, 40, 400).tolist() == [0, 0, 128, 255, 255]
+    assert window_to_uint8(values, 40, 400).tolist() == [0, 0, 128, 255, 255]
     with pytest.raises(ValueError):
-        preprocess.window_uint8(values, 40, 0)
+        window_to_uint8(values, 40, 0)
+    # One CT window: what the annotators see is exactly what the SAM encoder gets.
+    assert preprocess.window_to_uint8 is window_to_uint8
 
 
 def test_minmax_uint8() -> None:
@@ -107,7 +110,7 @@ def test_litemedsam_matches_sam_predictor(lite: torch.nn.Module) -> None:
     image = np.linspace(-300, 400, H * W).reshape(H, W)
     family = preprocess.LiteMedSAMFamily()
     ours = family.encoder_input(image, (40, 400), lite).tensor
-    rgb = preprocess.minmax_uint8(preprocess.to_rgb(preprocess.window_uint8(image, 40, 400)))
+    rgb = preprocess.minmax_uint8(preprocess.to_rgb(window_to_uint8(image, 40, 400)))
     predictor = SamPredictor(lite)
     resized = predictor.transform.apply_image(rgb)
     theirs = lite.preprocess(torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].float())

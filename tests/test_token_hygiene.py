@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from app.core import ratelimit, security
+from app.auth import ratelimit, security
 from app.core.config import get_settings
 from tests.conftest import ROOT
 

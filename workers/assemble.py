@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from app.core.storage import Storage
 from app.imaging.coords import Orientation
-from app.imaging.nifti import save_label_map
+from app.imaging.labelmaps import save_label_map
 from app.volumes.models import Volume
 
 

@@ -12,11 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-import numpy.typing as npt
-
 from app.core.db import session_scope
+from app.core.labelmaps import load_label_map
 from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.evaluations.jobs import EvaluationCase, EvaluationParams
@@ -41,11 +38,6 @@ def label_slices_from_stats(stats: dict[str, Any], labels: dict[str, int]) -> di
                 out[name].append(int(k))
                 found = True
     return {name: sorted(ks) for name, ks in out.items()} if found else None
-
-
-def _load_labels(storage: Storage, key: str) -> npt.NDArray[np.int32]:
-    with storage.local_copy(key) as path:
-        return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
 
 
 def evaluate(context: JobContext) -> dict[str, Any]:
@@ -117,8 +109,8 @@ def _plan(session: Any, case: EvaluationCase) -> dict[str, Any]:
 
 
 def _case(storage: Storage, plan: dict[str, Any], labels: dict[str, int], tolerance: float) -> dict[str, Any]:
-    ref = _load_labels(storage, plan["reference_key"])
-    pred = _load_labels(storage, plan["prediction_key"])
+    ref = load_label_map(storage, plan["reference_key"])
+    pred = load_label_map(storage, plan["prediction_key"])
     stats = plan["stats"]
     prompted = None
     label_slices = None

@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.core.labelmaps import load_label_map
 from app.core.storage import Storage, sha256_file
 from app.datasets.models import Dataset
 from app.exports.jobs import ExportCase, ExportParams
@@ -99,10 +98,7 @@ def _load_case(storage: Storage, plan: dict[str, Any], tmp: Path) -> CaseInput:
     image_path = tmp / f"{plan['case_id']}_image{suffix}"
     image_path.write_bytes(storage.read_bytes(plan["image_key"]))
     label_key = plan.get("mask_key") or plan.get("reference_key")
-    labels = None
-    if label_key is not None:
-        with storage.local_copy(label_key) as path:
-            labels = np.asarray(nib.load(str(path)).dataobj).astype(np.int32)  # type: ignore[attr-defined]
+    labels = None if label_key is None else load_label_map(storage, label_key)
     provenance: dict[str, Any] = {"volume_id": plan["volume_id"]}
     if plan.get("segmentation_id") is not None:
         provenance["segmentation_id"] = plan["segmentation_id"]

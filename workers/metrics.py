@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from app.imaging.metrics import dice  # the one Dice (nnU-Net: NaN when both are empty); re-exported here
+
 OVERLAP_KEYS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
 SURFACE_LIBRARY = "MONAI compute_surface_dice (NSD) and compute_hausdorff_distance(percentile=95) (HD95)"
 
@@ -47,12 +49,6 @@ def overlap(ref: BoolArray, pred: BoolArray, use: BoolArray | None = None) -> di
         dice = 2 * tp / (2 * tp + fp + fn)
         iou = tp / (tp + fp + fn)
     return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
-
-
-def dice(ref: BoolArray, pred: BoolArray) -> float:
-    tp = np.count_nonzero(ref & pred)
-    denom = np.count_nonzero(ref) + np.count_nonzero(pred)
-    return math.nan if denom == 0 else float(2 * tp / denom)
 
 
 def surface(ref: BoolArray, pred: BoolArray, spacing: Sequence[float], tolerance_mm: float) -> dict[str, float]:

@@ -10,7 +10,8 @@ Layout written under ``root``::
         labelsTs/{CASE}.nii.gz        test references, remapped like labelsTr — *not* part of nnU-Net's
                                       required set; kept beside imagesTs for evaluation
 
-Labels share the image's header (shape, qform, sform and their codes); only the data type changes.
+Labels share the image's header (shape, qform, sform and their codes); only the data type changes
+(:func:`app.imaging.labelmaps.save_label_map`, the app's one label-map writer).
 Nothing here touches the database: the export job gathers the inputs and calls :func:`write_dataset`.
 """
 
@@ -31,6 +32,7 @@ import numpy.typing as npt
 
 from app.core.storage import sha256_file
 from app.imaging.coords import Orientation
+from app.imaging.labelmaps import save_label_map
 
 FILE_ENDING = ".nii.gz"
 IGNORE = "ignore"
@@ -118,22 +120,6 @@ def copy_image_gz(source: Path, target: Path) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def write_label_like(labels: npt.NDArray[np.integer[Any]], image: Any, path: Path) -> None:
-    """Save ``labels`` with ``image``'s header: same qform/sform and codes, uint8/uint16 data."""
-    if labels.shape != image.shape[:3]:
-        raise ValueError(f"label shape {labels.shape} differs from the image's {image.shape[:3]}")
-    dtype = np.uint8 if int(labels.max(initial=0)) <= 255 else np.uint16
-    header = image.header.copy()
-    header.set_data_dtype(dtype)
-    if len(image.shape) == 4:
-        header.set_data_shape(image.shape[:3])
-    out = type(image)(labels.astype(dtype), image.affine, header)
-    out.header.set_qform(image.header.get_qform(), code=int(image.header["qform_code"]))
-    out.header.set_sform(image.header.get_sform(), code=int(image.header["sform_code"]))
-    out.header.set_slope_inter(1, 0)
-    nib.save(out, str(path))
-
-
 def dataset_folder_name(number: int, name: str) -> str:
     return f"Dataset{number:03d}_{name}"
 
@@ -205,7 +191,7 @@ def _write_case(folder: Path, case: CaseInput, mapping: LabelMapping) -> dict[st
         info["ignored_slices"] = n_slices - len(info["known_slices"])
     label_dir = folder / ("labelsTr" if train else "labelsTs")
     label_dir.mkdir(exist_ok=True)
-    write_label_like(labels, image, label_dir / f"{case.case_id}{FILE_ENDING}")
+    save_label_map(labels, image, label_dir / f"{case.case_id}{FILE_ENDING}")
     return info
 
 

@@ -5,10 +5,10 @@ from fastapi import APIRouter, status
 from app.auth import service
 from app.auth.repository import TokenRepository
 from app.auth.schemas import Me, TokenCreate, TokenCreated, TokenOut
+from app.auth.security import Admin, Anyone, forget_token
 from app.core.db import SessionDep
 from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
-from app.core.security import Admin, Anyone, forget_token
 
 router = APIRouter(tags=["auth"])
 

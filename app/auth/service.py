@@ -7,8 +7,8 @@ from sqlalchemy.orm import Session
 
 from app.auth.models import ApiToken, Role
 from app.auth.repository import TokenRepository
+from app.auth.security import hash_token, new_token
 from app.core.errors import Conflict, NotFound
-from app.core.security import hash_token, new_token
 
 
 def create_token(session: Session, name: str, role: Role,

@@ -7,7 +7,6 @@ validated paths such as ``volumes/12/image.nii.gz`` — never user-supplied name
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import posixpath
 import shutil
@@ -22,15 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from app.core.config import get_settings
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a local file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from app.core.hashing import sha256_file as sha256_file  # re-exported: workers import it from here
 
 
 class Storage:

@@ -3,7 +3,7 @@
 A dataset has members: researchers who own (manage) it and annotators who may label it. Admins
 may do everything without being members. A non-member is told the resource does not exist (404),
 so dataset names and ids do not leak. What a member may do is still decided by the role matrix
-(``app.core.security``): an annotator member labels, an owner manages.
+(``app.auth.security``): an annotator member labels, an owner manages.
 
 One dependency, :func:`dataset_access`, runs on every ``/api/v1`` route: it finds the dataset a
 route's path names (``dataset_id``, ``volume_id``, ``segmentation_id``, ``export_id``,
@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.auth.models import ApiToken, Role
+from app.auth.security import CurrentPrincipal, Principal
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.errors import Invalid, NotFound
 from app.core.responses import PG_INT_MAX
-from app.core.security import CurrentPrincipal, Principal
 from app.datasets.models import Dataset, DatasetMember, MemberRole
 from app.evaluations.models import Evaluation
 from app.exports.models import Export

@@ -4,22 +4,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
 from app.core.pagination import keyset
+from app.core.repository import Repository
 from app.datasets.models import Dataset
 
 
-class DatasetRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def get(self, dataset_id: int) -> Dataset:
-        row = self.session.get(Dataset, dataset_id)
-        if row is None:
-            raise NotFound(f"dataset {dataset_id} not found")
-        return row
+class DatasetRepository(Repository[Dataset]):
+    model = Dataset
+    what = "dataset"
 
     def by_name(self, name: str) -> Dataset | None:
         return self.session.scalar(select(Dataset).where(Dataset.name == name))
@@ -37,8 +30,3 @@ class DatasetRepository:
         if only is not None:
             query = query.where(Dataset.id.in_(only))
         return self.session.scalars(keyset(query, Dataset.id, after, limit)).all()
-
-    def add(self, dataset: Dataset) -> Dataset:
-        self.session.add(dataset)
-        self.session.flush()
-        return dataset

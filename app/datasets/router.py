@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
+from app.auth.security import Anyone, Staff
 from app.core.db import SessionDep
 from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
-from app.core.security import Anyone, Staff
 from app.datasets import service
 from app.datasets.access import member_dataset_ids
 from app.datasets.repository import DatasetRepository

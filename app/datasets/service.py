@@ -6,8 +6,8 @@ from sqlalchemy.orm import Session
 
 from app.auth.models import ApiToken, Role
 from app.auth.repository import TokenRepository
+from app.auth.security import Principal
 from app.core.errors import Conflict, Invalid, NotFound
-from app.core.security import Principal
 from app.datasets.access import add_member, forget_memberships
 from app.datasets.models import Dataset, DatasetMember, MemberRole
 from app.datasets.repository import DatasetRepository

@@ -11,13 +11,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.auth.idempotency import Idempotency, KeyHeader, canonical_json, fingerprint
+from app.auth.security import Principal, Staff
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import Invalid
-from app.core.idempotency import Idempotency, KeyHeader, canonical_json, fingerprint
 from app.core.responses import Id, errors
-from app.core.security import Principal, Staff
 from app.core.storage import get_storage
 from app.datasets.access import check_member
 from app.datasets.repository import DatasetRepository

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.config import get_settings
 from app.core.db import on_rollback
 from app.core.errors import Conflict, Invalid, NotFound
-from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.evaluations.archive import unpack
@@ -27,7 +27,8 @@ from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
 from app.evaluations.statistics import json_safe, paired_wilcoxon
 from app.exports.repository import ExportRepository, latest_finished_segmentation
-from app.imaging.nifti import label_dtype, read_header, read_voxels, same_geometry, save_label_map
+from app.imaging.labelmaps import save_label_map
+from app.imaging.nifti import label_dtype, read_header, read_voxels, same_geometry
 from app.jobs.states import JobStatus
 from app.jobs.submit import stopping
 from app.segmentations import registry

@@ -5,11 +5,11 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
+from app.auth.idempotency import IdempotencyDep
+from app.auth.security import Staff
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
-from app.core.idempotency import IdempotencyDep
 from app.core.responses import Id, errors
-from app.core.security import Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.exports import service

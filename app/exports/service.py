@@ -11,8 +11,8 @@ import re
 
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.errors import Conflict, Invalid
-from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.exports.jobs import KIND, ExportCase, ExportParams
 from app.exports.models import Export

@@ -258,21 +258,6 @@ def same_geometry(a: npt.ArrayLike, b: npt.ArrayLike, *, atol: float = 1e-3) -> 
 
 
 def label_dtype(max_value: int) -> np.dtype[Any]:
+    """The smallest voxel type a label map is written in (see :mod:`app.imaging.labelmaps`)."""
     return np.dtype(np.uint8) if max_value <= 255 else np.dtype(np.uint16)
 
-
-def save_label_map(
-    labels: npt.NDArray[np.integer[Any]], like: nib.Nifti1Image | nib.Nifti2Image, path: Path
-) -> None:
-    """Write a label map with ``like``'s affine and header (uint8/uint16 by label range).
-
-    ``labels`` already of that type are written without a copy (nibabel writes slice by slice).
-    """
-    dtype = label_dtype(int(labels.max(initial=0)))
-    header = like.header.copy()
-    header.set_data_dtype(dtype)
-    out = nib.Nifti1Image(labels.astype(dtype, copy=False), like.affine, header)
-    out.header.set_slope_inter(1, 0)
-    out.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
-    out.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
-    nib.save(out, str(path))

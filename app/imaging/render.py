@@ -11,10 +11,17 @@ from PIL import Image
 
 
 def window_to_uint8(values: npt.NDArray[Any], level: float, width: float) -> npt.NDArray[np.uint8]:
-    """Map HU to 0..255: ``level ± width/2`` clipped, linear in between."""
-    lo = level - width / 2.0
-    scaled = (values.astype(np.float32) - lo) * (255.0 / max(width, 1e-6))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    """CT window: ``[level - width/2, level + width/2]`` → 0..255 (rounded), everything else clipped.
+
+    The one CT window of the project: the slices the annotators see and the SAM encoder's input
+    (workers/sam/preprocess.py) come from this function. Computed in float64 (the SAM path's
+    arithmetic, so cached embeddings stay valid); exact half-way ties round half to even.
+    """
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    low = float(level) - float(width) / 2.0
+    scaled = (np.asarray(values, dtype=np.float64) - low) / float(width)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def png_bytes(gray_or_rgb: npt.NDArray[np.uint8]) -> bytes:

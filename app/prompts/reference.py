@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
 from app.core.errors import Invalid
+from app.core.labelmaps import load_label_map
 from app.core.redis import get_redis
 from app.core.storage import Storage
 from app.imaging.coords import Orientation
@@ -20,13 +20,9 @@ def canonical_reference(storage: Storage, volume: Volume) -> npt.NDArray[np.int3
     """The reference (dataset label values) as a canonical RAS+ array; 422 when there is none."""
     if volume.reference_key is None:
         raise Invalid(f"volume {volume.id} has no reference label map")
-    with storage.local_copy(volume.reference_key) as path:
-        image: Any = nib.load(str(path))
-        data: npt.NDArray[Any] = np.asarray(image.dataobj)
-    if data.ndim == 4:
-        data = data[..., 0]
+    data = load_label_map(storage, volume.reference_key)
     orientation = Orientation.from_affine(volume.affine, volume.shape)
-    return np.ascontiguousarray(orientation.canonical(data.astype(np.int32)), dtype=np.int32)
+    return np.ascontiguousarray(orientation.canonical(data), dtype=np.int32)
 
 
 def slices_with_labels(canonical_ref: npt.NDArray[np.integer[Any]], values: list[int] | None = None) -> list[int]:

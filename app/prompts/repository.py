@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, distinct, func, select, text
-from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict
+from app.core.repository import Repository
 from app.prompts.models import Prompt, SliceView
 from app.volumes.models import Volume
 
@@ -52,9 +52,9 @@ class InsertOutcome:
     duplicates: list[int]  # ids that existed before this call
 
 
-class PromptRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
+class PromptRepository(Repository[Prompt]):
+    model = Prompt
+    what = "prompt"
 
     # --- writes -------------------------------------------------------------------------
     def insert_many(self, rows: list[dict[str, Any]]) -> InsertOutcome:
@@ -118,16 +118,6 @@ class PromptRepository:
                 "volume_id": volume_id, "source": source,
                 "slice_index": [k for k, _ in chunk], "annotator": [a for _, a in chunk],
             })
-
-    def get(self, prompt_id: int) -> Prompt:
-        row = self.session.get(Prompt, prompt_id)
-        if row is None:
-            raise NotFound(f"prompt {prompt_id} not found")
-        return row
-
-    def delete(self, prompt: Prompt) -> None:
-        self.session.delete(prompt)
-        self.session.flush()
 
     # --- reads --------------------------------------------------------------------------
     def _where(self, volume_id: int, f: PromptFilter) -> list[Any]:

@@ -4,12 +4,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
+from app.auth.security import Anyone, Staff
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import PayloadTooLarge
 from app.core.responses import BigId, Id, errors
-from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.prompts import service, simulation_service, yolo_service

@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.errors import Forbidden, Invalid
-from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.imaging.coords import display_shape
 from app.prompts.models import Prompt

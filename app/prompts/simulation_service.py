@@ -7,8 +7,8 @@ from collections import Counter
 
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.errors import Conflict, Invalid
-from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.prompts.reference import canonical_reference

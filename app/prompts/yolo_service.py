@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.errors import Invalid
-from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.imaging.coords import Orientation
 from app.prompts.repository import PromptRepository

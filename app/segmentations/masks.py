@@ -12,14 +12,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
 from app.core.errors import Invalid
+from app.core.labelmaps import open_label_map
 from app.core.storage import Storage
 from app.imaging.coords import Orientation, display_slice
-from app.imaging.nifti import save_label_map
+from app.imaging.labelmaps import save_label_map
 from app.imaging.palette import label_color
 from app.imaging.render import png_bytes, window_to_uint8
 from app.segmentations.models import Segmentation
@@ -31,21 +31,13 @@ _lock = threading.Lock()
 OVERLAY_ALPHA = 0.45
 
 
-def _load(storage: Storage, key: str) -> tuple[nib.Nifti1Image, npt.NDArray[Any]]:
-    with storage.local_copy(key) as path:
-        img = nib.load(str(path))
-        assert isinstance(img, nib.Nifti1Image)
-        data = np.asarray(img.dataobj)
-    return img, data
-
-
 def binary_mask_nifti(storage: Storage, row: Segmentation, value: int) -> bytes:
     """``.nii.gz`` bytes of ``mask == value`` (uint8 0/1) with the mask's (= the image's) geometry."""
     assert row.mask_key is not None
-    img, data = _load(storage, row.mask_key)
+    mask = open_label_map(storage, row.mask_key)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mask.nii.gz"
-        save_label_map((data == value).astype(np.uint8), img, path)
+        save_label_map((mask.labels == value).astype(np.uint8), mask.image, path)
         return path.read_bytes()
 
 
@@ -56,7 +48,7 @@ def canonical_labels(storage: Storage, volume: Volume, row: Segmentation) -> npt
         if row.mask_sha256 in _cache:
             _cache.move_to_end(row.mask_sha256)
             return _cache[row.mask_sha256]
-    _img, data = _load(storage, row.mask_key)
+    data = open_label_map(storage, row.mask_key).labels
     canonical = Orientation.from_affine(volume.affine, volume.shape).canonical(data)
     with _lock:
         _cache[row.mask_sha256] = canonical

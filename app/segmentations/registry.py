@@ -7,13 +7,13 @@ checkpoint directory whose size and sha256 match the published file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import PermanentJobError
+from app.core.hashing import sha256_file
 
 MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")
 
@@ -73,11 +73,7 @@ def file_sha256(path: Path) -> str:
     with _digest_lock:
         if key in _digest_cache:
             return _digest_cache[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = sha256_file(path)
     with _digest_lock:
         _digest_cache[key] = value
     return value

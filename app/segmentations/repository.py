@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import distinct, func, select
-from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
 from app.core.pagination import keyset
+from app.core.repository import Repository
 from app.prompts.models import Prompt
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 
 
-class SegmentationRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
+class SegmentationRepository(Repository[Segmentation]):
+    model = Segmentation
+    what = "segmentation"
 
     def get(self, segmentation_id: int, *, for_update: bool = False) -> Segmentation:
         stmt = select(Segmentation).where(Segmentation.id == segmentation_id)
@@ -24,12 +23,7 @@ class SegmentationRepository:
             stmt = stmt.with_for_update()
         row = self.session.scalar(stmt.execution_options(populate_existing=True))
         if row is None:
-            raise NotFound(f"segmentation {segmentation_id} not found")
-        return row
-
-    def add(self, row: Segmentation) -> Segmentation:
-        self.session.add(row)
-        self.session.flush()
+            raise self.not_found(segmentation_id)
         return row
 
     def list_for_volume(self, volume_id: int) -> Sequence[Segmentation]:

@@ -7,13 +7,14 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.auth.idempotency import IdempotencyDep
+from app.auth.security import Anyone, Staff
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import Conflict, Invalid
-from app.core.idempotency import IdempotencyDep
+from app.core.http import etag_matches
 from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
-from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.jobs import submit
@@ -110,15 +111,6 @@ def delete_segmentation(segmentation_id: Id, session: SessionDep, _: Staff) -> R
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def _not_modified(request: Request, etag: str) -> bool:
-    """If-None-Match holds this ETag (a list, weak validators and ``*`` included)."""
-    header = request.headers.get("if-none-match")
-    if header is None:
-        return False
-    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
-    return "*" in tags or etag in tags
-
-
 def _finished(session: Session, segmentation_id: int) -> Segmentation:
     row = SegmentationRepository(session).get(segmentation_id)
     if row.status != JobStatus.finished or row.mask_key is None:
@@ -157,7 +149,7 @@ def download_mask(
         etag = f'"{row.mask_sha256[:40]}-{value}"'
         name = f"{name}_{label}"
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
-    if _not_modified(request, etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     headers["Content-Disposition"] = content_disposition(f"{name}.nii.gz")
     storage = get_storage()
@@ -208,7 +200,7 @@ def overlay_slice(
     window = f"-{lvl:g}-{wid:g}" if mode == "overlay" else ""
     etag = f'"{row.mask_sha256[:16]}-{k}-{mode}-{".".join(map(str, values))}{window}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
-    if _not_modified(request, etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     storage = get_storage()
     label_map = masks.canonical_labels(storage, volume, row)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid
-from app.core.security import Principal
 from app.datasets.models import Dataset
 from app.jobs import submit
 from app.jobs.states import JobStatus

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from app.auth.security import Anyone
 from app.core.db import SessionDep
 from app.core.responses import DatasetQuery, errors
-from app.core.security import Anyone
 from app.core.storage import get_storage
 from app.tasks import service
 from app.tasks.schemas import TaskOut

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
+from app.auth.security import Principal
 from app.core.config import get_settings
-from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets.repository import DatasetRepository
 from app.imaging.palette import label_colors

@@ -3,22 +3,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
 from app.core.pagination import keyset
+from app.core.repository import Repository
 from app.volumes.models import Volume
 
 
-class VolumeRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def get(self, volume_id: int) -> Volume:
-        row = self.session.get(Volume, volume_id)
-        if row is None:
-            raise NotFound(f"volume {volume_id} not found")
-        return row
+class VolumeRepository(Repository[Volume]):
+    model = Volume
+    what = "volume"
 
     def by_case(self, dataset_id: int, case_id: str) -> Volume | None:
         return self.session.scalar(
@@ -34,12 +27,3 @@ class VolumeRepository:
         """A dataset's volumes by id after ``after`` (``limit`` + 1 rows: see :func:`app.core.pagination.keyset`)."""
         stmt = select(Volume).where(Volume.dataset_id == dataset_id)
         return self.session.scalars(keyset(stmt, Volume.id, after, limit)).all()
-
-    def add(self, volume: Volume) -> Volume:
-        self.session.add(volume)
-        self.session.flush()
-        return volume
-
-    def delete(self, volume: Volume) -> None:
-        self.session.delete(volume)
-        self.session.flush()

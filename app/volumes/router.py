@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
+from app.auth.security import Anyone, Staff
 from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import Invalid, NotFound
+from app.core.http import etag_matches
 from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
-from app.core.security import Anyone, Staff
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.volumes import service, slices
@@ -151,18 +152,10 @@ def slice_png(
     slices.check_slice(volume, k)
     etag = f'"{volume.sha256[:16]}-{k}-{lvl:g}-{wid:g}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
-    if _etag_matches(request.headers.get("if-none-match"), etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     png = slices.display_png(get_storage(), volume, k, lvl, wid)
     return Response(png, media_type="image/png", headers=headers)
-
-
-def _etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """RFC 9110 weak comparison against an ``If-None-Match`` list (``*`` matches anything)."""
-    if not if_none_match:
-        return False
-    candidates = [c.strip() for c in if_none_match.split(",")]
-    return "*" in candidates or etag in (c.removeprefix("W/") for c in candidates)
 
 
 def _stream(key: str, filename: str) -> StreamingResponse:

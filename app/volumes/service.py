@@ -23,10 +23,12 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.errors import Conflict, Invalid, PayloadTooLarge
-from app.core.storage import Storage, sha256_file
+from app.core.hashing import sha256_file
+from app.core.storage import Storage
 from app.datasets.models import Dataset
 from app.imaging import nifti
 from app.imaging.coords import Orientation, orientation_codes
+from app.imaging.labelmaps import save_label_map
 from app.imaging.nifti import (
     NiftiHeader,
     Voxels,
@@ -34,7 +36,6 @@ from app.imaging.nifti import (
     read_header,
     read_voxels,
     same_geometry,
-    save_label_map,
 )
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository

@@ -9,7 +9,6 @@ for decoded slices (key additionally: the slice's prompts, fusion and labels). D
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -21,13 +20,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from app.core.hashing import sha256_text
+
 Record = dict[str, npt.NDArray[Any]]
 
 
 def make_key(**parts: object) -> str:
     """Stable sha256 of the given parts (JSON with sorted keys)."""
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_text(text)
 
 
 class ArrayCache:

@@ -10,7 +10,6 @@ with one added box encodes 0 slices and decodes 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -26,6 +25,7 @@ import numpy.typing as npt
 import torch
 
 from app.core.config import get_settings
+from app.core.hashing import sha256_bytes
 from app.imaging.coords import display_slice, display_to_canonical_slice
 from workers.sam import fusion
 from workers.sam.cache import ArrayCache, make_key
@@ -119,7 +119,7 @@ def fuse_slice(items: list[tuple[str, str]], probs: npt.NDArray[np.float32], mas
 
 def _digest(array: npt.NDArray[np.generic]) -> str:
     data = np.ascontiguousarray(array)
-    return hashlib.sha256(f"{data.dtype.str}{data.shape}".encode() + data.tobytes()).hexdigest()[:32]
+    return sha256_bytes(f"{data.dtype.str}{data.shape}".encode() + data.tobytes())[:32]
 
 
 def choose_device(device: str | None = None) -> torch.device:

@@ -2,8 +2,10 @@
 
 Methods: ``majority`` (a pixel is in when more than half of the annotators have it), ``staple``
 (SimpleITK STAPLE, posterior > 0.5) and ``union``. Agreement of an annotator = Dice of their mask
-with the fused mask (1.0 when both are empty). Overlaps between labels go to the label whose
-model probability is highest at the pixel (ties: the lower label value).
+with the fused mask (app.imaging.metrics.dice; 1.0 when both are empty: an annotator who drew
+nothing where the fusion has nothing agrees fully, unlike nnU-Net's NaN for scoring). Overlaps
+between labels go to the label whose model probability is highest at the pixel (ties: the lower
+label value).
 """
 
 from __future__ import annotations
@@ -14,22 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from app.imaging.metrics import dice
+
 FUSION_METHODS = ("majority", "staple", "union")
 
 Mask = npt.NDArray[np.bool_]
+AGREEMENT_WHEN_BOTH_EMPTY = 1.0
 
 
 @dataclass(frozen=True)
 class Fused:
     mask: Mask
     agreement: list[float]  # one Dice per input mask, in input order
-
-
-def dice(a: Mask, b: Mask) -> float:
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def unite(masks: Sequence[Mask]) -> Mask:
@@ -76,7 +74,7 @@ def fuse(masks: Sequence[Mask], method: str = "majority") -> Fused:
         fused = union(masks)
     else:
         raise ValueError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSION_METHODS)}")
-    return Fused(fused, [dice(np.asarray(m, dtype=bool), fused) for m in masks])
+    return Fused(fused, [dice(np.asarray(m, dtype=bool), fused, empty=AGREEMENT_WHEN_BOTH_EMPTY) for m in masks])
 
 
 def resolve_overlaps(masks: Sequence[Mask], confidence: Sequence[npt.NDArray[np.floating]],

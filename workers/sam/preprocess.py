@@ -17,7 +17,6 @@ Coordinates in and out are DISPLAY pixels of one slice (x = column, y = row).
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -28,16 +27,10 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from app.core.hashing import sha256_text
+from app.imaging.render import window_to_uint8
+
 PREPROCESS_VERSION = "1"
-
-
-def window_uint8(image: npt.NDArray[np.generic], level: float, width: float) -> npt.NDArray[np.uint8]:
-    """CT window: ``[level - width/2, level + width/2]`` → 0..255 (rounded), everything else clipped."""
-    if width <= 0:
-        raise ValueError(f"window width must be > 0, got {width}")
-    low = float(level) - float(width) / 2.0
-    scaled = (np.asarray(image, dtype=np.float64) - low) / float(width)
-    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def to_rgb(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -71,10 +64,10 @@ class Family(ABC):
     def signature(self, window: tuple[float, float]) -> str:
         """Everything that changes the embedding besides the pixels and the weights."""
         text = f"{self.name}:v{PREPROCESS_VERSION}:{self.img_size}:L{float(window[0])!r}:W{float(window[1])!r}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return sha256_text(text)[:16]
 
     def rgb(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> npt.NDArray[np.uint8]:
-        return to_rgb(window_uint8(display, window[0], window[1]))
+        return to_rgb(window_to_uint8(display, window[0], window[1]))
 
     @abstractmethod
     def encoder_input(self, display: npt.NDArray[np.generic], window: tuple[float, float], sam: Sam) -> EncoderInput:

@@ -7,7 +7,6 @@ may do; each route declares the roles it admits with :func:`require`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import time
@@ -25,6 +24,7 @@ from app.auth.models import ApiToken, Role
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.errors import Forbidden, Unauthorized
+from app.core.hashing import sha256_text
 
 log = logging.getLogger("crowdsam.auth")
 LAST_USED_EVERY_S = 60.0  # last_used_at is written at most once a minute per token (and process)
@@ -38,7 +38,7 @@ def new_token() -> str:
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return sha256_text(token)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
+from app.auth.security import CurrentPrincipal
 from app.core.config import get_settings
 from app.core.errors import TooManyRequests
-from app.core.security import CurrentPrincipal
 from app.core.services import redis_url
 
 log = logging.getLogger("crowdsam.ratelimit")

@@ -35,8 +35,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.auth.models import IdempotencyKey
+from app.auth.security import Principal
 from app.core.errors import Conflict, Invalid
-from app.core.security import Principal
 
 T = TypeVar("T")
 TTL = timedelta(hours=24)
