@@ -7,7 +7,6 @@ always give the same bytes — jobs are idempotent down to the file's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from app.core.hashing import sha256_file
 from app.core.storage import Storage
 from app.imaging.coords import Orientation
 from app.imaging.labelmaps import save_label_map
@@ -50,6 +50,6 @@ def write_mask(storage: Storage, volume: Volume, labels: npt.NDArray[Any], key: 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "mask.nii.gz"
             save_label_map(original, image, path)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             storage.put_file(key, path)
     return digest

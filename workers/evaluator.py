@@ -15,12 +15,10 @@ from typing import Any
 from app.core.db import session_scope
 from app.core.labelmaps import load_label_map
 from app.core.storage import Storage
-from app.datasets.models import Dataset
 from app.evaluations.jobs import EvaluationCase, EvaluationParams
-from app.evaluations.models import Evaluation
 from app.evaluations.statistics import json_safe
 from app.imaging.coords import Orientation
-from app.jobs.runner import JobContext, params_model
+from app.jobs.runner import JobContext, params_model, row_and_dataset
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 from workers.metrics import SURFACE_LIBRARY, evaluate_case, nnunet_summary, summarize
@@ -45,11 +43,7 @@ def evaluate(context: JobContext) -> dict[str, Any]:
     params: EvaluationParams = params_model(context, EvaluationParams)
     storage = context.storage
     with session_scope() as session:
-        row = session.get(Evaluation, context.row_id)
-        assert row is not None
-        dataset = session.get(Dataset, row.dataset_id)
-        if dataset is None:
-            raise LookupError(f"evaluation {context.row_id}: its dataset was deleted")
+        row, dataset = row_and_dataset(session, context)
         labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
         title = f"Evaluation {row.id} — dataset {dataset.name!r}"
         plans = [_plan(session, case) for case in params.cases]

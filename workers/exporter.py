@@ -17,10 +17,8 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.core.labelmaps import load_label_map
 from app.core.storage import Storage, sha256_file
-from app.datasets.models import Dataset
 from app.exports.jobs import ExportCase, ExportParams
-from app.exports.models import Export
-from app.jobs.runner import JobContext, params_model
+from app.jobs.runner import JobContext, params_model, row_and_dataset
 from app.prompts.models import SliceView
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
@@ -32,11 +30,7 @@ def export(context: JobContext) -> dict[str, Any]:
     params: ExportParams = params_model(context, ExportParams)
     storage = context.storage
     with session_scope() as session:
-        export_row = session.get(Export, context.row_id)
-        assert export_row is not None
-        dataset = session.get(Dataset, export_row.dataset_id)
-        if dataset is None:
-            raise LookupError(f"export {context.row_id}: its dataset was deleted")
+        _, dataset = row_and_dataset(session, context)
         dataset_id, dataset_name, labels = dataset.id, dataset.name, dict(dataset.labels)
         plans = [_case_plan(session, case, params.unprompted) for case in params.cases]
     prefix = f"exports/{context.row_id}"

@@ -35,6 +35,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
+import app.models  # every table is known, so a job's flush can resolve its foreign keys
 from app.core.db import session_scope
 from app.core.errors import CrowdsamError, PermanentJobError
 from app.core.storage import Storage, get_storage
@@ -90,6 +91,15 @@ class JobContext:
 
 
 Handler = Callable[[JobContext], dict[str, Any]]
+
+
+def row_and_dataset(session: Any, context: JobContext) -> tuple[Any, Any]:
+    """A dataset-level job's row and its dataset (``LookupError`` once the dataset was deleted)."""
+    row = session.get(context.kind.model, context.row_id)
+    dataset = session.get(app.models.Dataset, row.dataset_id) if row is not None else None
+    if row is None or dataset is None:
+        raise LookupError(f"{context.kind.job_id(context.row_id)}: its row or dataset was deleted")
+    return row, dataset
 
 
 def run_job(kind_name: str, row_id: int, handler: Handler, *, storage: Storage | None = None) -> dict[str, Any]:
