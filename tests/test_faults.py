@@ -585,8 +585,9 @@ def test_full_disk_upload_answers_507_and_an_export_fails_with_the_reason_both_l
     private.ensure_up()
     store = private.base / f"store-{uuid.uuid4().hex[:8]}"
     store.mkdir()
-    if not _namespaces_work(store):
-        pytest.skip("needs unshare/nsenter and unprivileged user namespaces to mount a tmpfs")
+    assert _namespaces_work(store), (
+        "this test mounts a tiny tmpfs in a user + mount namespace: it needs unshare/nsenter (util-linux) and "
+        "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)")
     researcher, _ = make_tokens(private.url, "disk-fault", 0)
     staff = bearer(researcher)
     env = private.env(CROWDSAM_STORAGE_URL=str(store))
