@@ -46,10 +46,11 @@ def reference_array(volume_id: int) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep_every: int = 3,
-                              erode_label: str | None = None, labels: dict[str, int] | None = None
-                              ) -> tuple[int, list[int], np.ndarray]:
+                              erode_label: str | None = None, labels: dict[str, int] | None = None,
+                              prompted: list[int] | None = None) -> tuple[int, list[int], np.ndarray]:
     """A finished Segmentation row whose mask is the reference with every ``keep_every``-th canonical slice
-    zeroed (those slices are the "unprompted" ones; the others are listed in ``stats.prompted_slices``).
+    zeroed (those slices are the "unprompted" ones; the others are listed in ``stats.prompted_slices``), or,
+    with ``prompted``, every slice not in it zeroed.
     Returns (segmentation id, prompted canonical slices, mask on the original grid)."""
     from app.core.db import session_scope
     from app.core.storage import get_storage
@@ -61,8 +62,9 @@ def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep
     orientation = Orientation.from_affine(img.affine, ref.shape)
     canonical = orientation.canonical(ref).copy()
     n = canonical.shape[2]
-    prompted = [k for k in range(n) if k % keep_every != 0]
-    unprompted = [k for k in range(n) if k % keep_every == 0]
+    if prompted is None:
+        prompted = [k for k in range(n) if k % keep_every != 0]
+    unprompted = [k for k in range(n) if k not in prompted]
     canonical[:, :, unprompted] = 0
     mask = np.asarray(orientation.original(canonical)).astype(np.int32)
     if erode_label is not None and labels is not None:

@@ -17,12 +17,16 @@ SCRIPTS = {
     "ingest": (["bench/ingest.py", "--boxes", "200", "--batch", "100", "--single", "10", "--clients", "2"],
                ["ratio API bulk / raw executemany", "ratio API single (1 client) / raw one row per transaction"]),
     "crowd_load": (["bench/crowd_load.py", "--smoke"], ["crowd_load clients=20 "]),
+    "task_assignment": (["bench/task_assignment.py", "--smoke"], ["late (later calls)", "task_assignment slices=60 "]),
+    "cache": (["bench/cache.py", "--puts", "12", "--disk-entries", "6", "--memory-entries", "3", "--gets", "3",
+               "--shape", "1,256,16,16"],
+              ["put (evicting)", "get memory hit", "get disk hit", "get miss", "(bound kept: True)"]),
     "segment": (["bench/segment.py", "--slices", "2", "--naive-slices", "1", "--annotators", "1",
                  "--idle-seconds", "2"],
                 ["ratio total / pure encoder", "idle CPU of the loaded engine over 2 s", "decoder",
                  "same masks: True", "per-organ Dice"]),
     "reproduce_study": (["bench/reproduce_study.py", "--cases", "example_ct_sm", "--coverage", "0.1"],
-                        ["=== coverage 0.1 per annotator", "max |vol@prompted"]),
+                        ["=== coverage 0.1 per annotator", "max |vol@known", "HD95 penal.: "]),
 }
 MODEL_SCRIPTS = {"segment", "reproduce_study"}
 

@@ -76,11 +76,13 @@ def test_segmentation_evaluation_per_slice_beside_per_volume(client, tokens, dat
             assert m["Dice"] == pytest.approx(expected, abs=1e-12)
             assert m["Dice"] < 0.95  # a third of the slices were left unprompted and score as background
             # the mask equals the reference on prompted slices: scoring only those gives 1
-            assert m["Dice_prompted_slices"] == 1.0 and m["slice_dice_mean"] == 1.0
-            assert 0 < m["NSD"] < 1 and m["HD95"] > 0
+            assert m["Dice_known_slices"] == 1.0 and m["slice_dice_mean"] == 1.0
+            assert 0 < m["NSD"] < 1 and m["HD95"] > 0 and m["HD95_penalized"] is False
             assert m["n_prompted_slices"] == len(case["slice_dice"][name]) > 0
     side = result["side_by_side"]["liver"]
-    assert side["slice_dice_mean"] == 1.0 and side["Dice"] < 0.95
+    assert side["slice_dice_mean"] == 1.0 and side["Dice"] < 0.95 and side["Dice_known_slices"] == 1.0
+    assert result["hd95"]["penalized"] == 0 and result["hd95"]["n"] == 10
+    assert result["hd95"]["per_label"]["liver"] == {"n": 2, "penalized": 0, "penalized_cases": [], "both_empty": 0}
     summary = client.get(f"/api/v1/evaluations/{out['id']}/summary.json", headers=tokens.headers(H)).json()
     assert set(summary) == {"metric_per_case", "mean", "foreground_mean"}
     assert set(summary["mean"]) == {"1", "2", "3", "5", "52"}
@@ -89,6 +91,70 @@ def test_segmentation_evaluation_per_slice_beside_per_volume(client, tokens, dat
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert report.text.count('src="data:image/png;base64,') >= 3 and "per slice" in report.text
     assert "kidney_left" in report.text and "<table>" in report.text
+
+
+def test_known_slice_dice_covers_seen_but_empty_slices(client, tokens, dataset, run_jobs, tmp_path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch):
+    """``Dice_known_slices`` scores the slices an ``ignore`` export keeps: prompted *and* seen without a box.
+    Here an annotator saw slices 0 and 3 of example_ct_sm and drew nothing, though organs are there: those
+    slices are known background, so the mask's misses there count — as nnU-Net counts them on the export."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from app.imaging.coords import Orientation
+    from workers.metrics import overlap
+
+    did = dataset["id"]
+    volume = upload_case(client, tokens, did, "sm", CT_DIR / "example_ct_sm.nii.gz", CT_DIR / "example_seg.nii.gz")
+    seen = client.post(f"/api/v1/volumes/{volume['id']}/prompts", json={"seen": [0, 3]},
+                       headers=tokens.headers("annotator"))
+    assert seen.status_code == 201, seen.text
+    seg_id, prompted, mask = add_finished_segmentation(volume["id"], keep_every=3)  # 0, 3, ... unprompted
+    assert 0 not in prompted and 3 not in prompted
+    known = sorted([*prompted, 0, 3])
+    result = finished(client, tokens, run_jobs, post_json(client, tokens, did, {"source": "segmentation"}))["result"]
+    case = result["cases"][0]
+    assert case["segmentation_id"] == seg_id and case["prompted_slices"] == prompted
+    assert case["known_slices"] == known and case["n_known_slices"] == 22
+
+    ref, image = reference_array(volume["id"])
+    orientation = Orientation.from_affine(image.affine, ref.shape)
+    in_known = np.zeros(ref.shape[2], dtype=bool)  # RAS sample: canonical k = the file's third axis
+    in_known[known] = True
+    use = np.broadcast_to(in_known, ref.shape)
+    assert np.array_equal(np.asarray(orientation.canonical(use)), use)
+    for name, value in ABDOMEN_LABELS.items():
+        m = case["metrics"][name]
+        expected = overlap(ref == value, mask == value, use)["Dice"]
+        assert m["Dice_known_slices"] == pytest.approx(expected, abs=1e-12)
+        assert m["Dice_known_slices"] < 1.0  # the seen slices 0 and 3 hold the organ; the mask has none there
+        # the prompted slices alone (the old Dice_prompted_slices) would have hidden those misses
+        assert overlap(ref == value, mask == value, np.broadcast_to(np.isin(np.arange(30), prompted),
+                                                                   ref.shape))["Dice"] == 1.0
+        # per-slice Dice stays on the slices where the organ was prompted (seen-only slices are not among them)
+        assert m["slice_dice_mean"] == 1.0 and {int(k) for k in case["slice_dice"][name]} <= set(prompted)
+
+    # the ignore export keeps exactly these slices, and nnU-Net's own metric with its ignore label agrees
+    export = finished_export(client, tokens, run_jobs, did, label_source="segmentation", unprompted="ignore")
+    assert export["dataset_json"]["crowdsam"]["cases"]["sm"]["known_slices"] == known
+    folder = extract_archive(client, tokens, export, tmp_path / "export")
+    exported = nib.load(str(folder / "labelsTr" / "sm.nii.gz"))
+    ignore = np.asarray(exported.dataobj) == 6
+    lut = {v: export["dataset_json"]["labels"][n] for n, v in ABDOMEN_LABELS.items()}
+    ref_export = np.zeros(ref.shape, dtype=np.uint8)
+    pred_export = np.zeros(ref.shape, dtype=np.uint8)
+    for value, exported_value in lut.items():
+        ref_export[ref == value] = exported_value
+        pred_export[mask == value] = exported_value
+    ref_export[ignore] = 6
+    nib.save(nib.Nifti1Image(ref_export, exported.affine, exported.header), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(pred_export, exported.affine, exported.header), str(tmp_path / "pred.nii.gz"))
+    nn = compute_metrics(str(tmp_path / "ref.nii.gz"), str(tmp_path / "pred.nii.gz"), SimpleITKIO(),
+                         list(lut.values()), ignore_label=6)
+    for name, value in ABDOMEN_LABELS.items():
+        assert abs(nn["metrics"][lut[value]]["Dice"] - case["metrics"][name]["Dice_known_slices"]) <= 1e-9
 
 
 def _predictions(labels_dir: Path, out_dir: Path, strength: int) -> None:

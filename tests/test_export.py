@@ -116,7 +116,7 @@ def test_reference_export_passes_nnunet_integrity(client, tokens, dataset, run_j
     assert export["folder"] == "Dataset501_Abdomen"
     paths = {f["path"] for f in export["files"]}
     assert paths == {
-        "Dataset501_Abdomen/dataset.json",
+        "Dataset501_Abdomen/dataset.json", "Dataset501_Abdomen/README.md",
         "Dataset501_Abdomen/imagesTr/ct_0000.nii.gz", "Dataset501_Abdomen/labelsTr/ct.nii.gz",
         "Dataset501_Abdomen/imagesTr/sm_0000.nii.gz", "Dataset501_Abdomen/labelsTr/sm.nii.gz",
         "Dataset501_Abdomen/imagesTs/smtest_0000.nii.gz", "Dataset501_Abdomen/labelsTs/smtest.nii.gz",
@@ -125,6 +125,7 @@ def test_reference_export_passes_nnunet_integrity(client, tokens, dataset, run_j
     assert meta["labels"] == EXPECTED_EXPORT_LABELS
     assert meta["label_values_original"] == ABDOMEN_LABELS
     assert meta["numTraining"] == 2 and meta["file_ending"] == ".nii.gz" and meta["channel_names"] == {"0": "CT"}
+    assert "fingerprint" not in meta["crowdsam"]  # only ignore exports need one (tests/test_export_fingerprint.py)
 
     folder = extract_archive(client, tokens, export, tmp_path)
     for row in export["files"]:  # the archive holds exactly the listed files, with the listed checksums
@@ -161,8 +162,12 @@ def test_segmentation_export_passes_nnunet_integrity(client, tokens, dataset, ru
     meta = json.loads((folder / "dataset.json").read_text())
     if unprompted == "ignore":
         assert meta["labels"] == {**EXPECTED_EXPORT_LABELS, "ignore": 6}
+        assert (folder / "dataset_fingerprint.json").exists()
+        assert meta["crowdsam"]["fingerprint"]["file"] == "dataset_fingerprint.json"
     else:
         assert meta["labels"] == EXPECTED_EXPORT_LABELS
+        assert not (folder / "dataset_fingerprint.json").exists()
+    assert "nnUNetv2_plan_and_preprocess -d 502" in (folder / "README.md").read_text()
     for case, vol in volumes.items():
         seg_id, prompted, mask = segs[case]
         assert meta["crowdsam"]["cases"][case]["segmentation_id"] == seg_id

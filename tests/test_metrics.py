@@ -10,7 +10,9 @@ from scipy.stats import wilcoxon
 
 from app.evaluations.statistics import json_safe, paired_wilcoxon, rank_biserial
 from workers.metrics import (
+    PENALIZED,
     evaluate_case,
+    hd95_penalty,
     nnunet_summary,
     overlap,
     summarize,
@@ -47,21 +49,65 @@ def test_overlap_follows_nnunet_formulas_and_nan_when_both_empty() -> None:
 def test_surface_metrics_use_spacing() -> None:
     ref = cube()
     same = surface(ref, ref, (1.0, 1.0, 3.0), 2.0)
-    assert same == {"NSD": 1.0, "HD95": 0.0}
+    assert same == {"NSD": 1.0, "HD95": 0.0, PENALIZED: False}
     shifted_z = np.roll(ref, 1, axis=2)  # one voxel = 3 mm along z
     assert surface(ref, shifted_z, (1.0, 1.0, 3.0), 2.0)["HD95"] == pytest.approx(3.0)
     assert surface(ref, shifted_z, (1.0, 1.0, 3.0), 3.0)["NSD"] == pytest.approx(1.0)
     assert surface(ref, shifted_z, (1.0, 1.0, 3.0), 2.0)["NSD"] < 1.0
     shifted_x = np.roll(ref, 1, axis=0)  # one voxel = 1 mm along x: within 2 mm
-    assert surface(ref, shifted_x, (1.0, 1.0, 3.0), 2.0) == {"NSD": 1.0, "HD95": pytest.approx(1.0)}
+    assert surface(ref, shifted_x, (1.0, 1.0, 3.0), 2.0) == {"NSD": 1.0, "HD95": pytest.approx(1.0),
+                                                             PENALIZED: False}
     empty = np.zeros_like(ref)
     both = surface(empty, empty, (1, 1, 1), 2.0)
-    assert math.isnan(both["NSD"]) and math.isnan(both["HD95"])
-    one = surface(ref, empty, (1, 1, 1), 2.0)
-    assert one["NSD"] == 0.0 and math.isnan(one["HD95"])
+    assert math.isnan(both["NSD"]) and math.isnan(both["HD95"]) and not both[PENALIZED]
 
 
-def test_case_summary_and_prompted_slices() -> None:
+def test_missed_and_hallucinated_organs_get_the_hd95_penalty_and_are_counted() -> None:
+    """HD95 is undefined when exactly one mask is empty; it gets the field-of-view diagonal (above any real
+    HD95 in that image), is flagged, kept in the mean and counted — never dropped. Both empty stays NaN."""
+    spacing = (0.8, 0.8, 3.0)
+    diagonal = math.sqrt((30 * 0.8) ** 2 + (30 * 0.8) ** 2 + (20 * 3.0) ** 2)
+    assert hd95_penalty((30, 30, 20), spacing) == pytest.approx(diagonal)
+    ref = cube()
+    worst_real = np.zeros_like(ref)  # a prediction at the far corner: the largest HD95 a real contour can get
+    worst_real[-2:, -2:, -2:] = True
+    assert surface(ref, worst_real, spacing, 2.0)["HD95"] < diagonal
+    missed = surface(ref, np.zeros_like(ref), spacing, 2.0)
+    hallucinated = surface(np.zeros_like(ref), ref, spacing, 2.0)
+    for row in (missed, hallucinated):
+        assert row == {"NSD": 0.0, "HD95": pytest.approx(diagonal), PENALIZED: True}
+
+    labels = {"spleen": 1, "liver": 5, "aorta": 52}
+    ref_map = np.zeros((30, 30, 20), dtype=np.int32)
+    ref_map[cube()] = 1
+    ref_map[cube(lo=(20, 20, 2), hi=(25, 25, 6))] = 5
+    shifted = np.roll(ref_map, 1, axis=2)  # every organ found, one slice (3 mm) off
+    missed_liver = np.where(ref_map == 5, 0, ref_map)
+    hallucinated_aorta = ref_map.copy()
+    hallucinated_aorta[2:6, 2:6, 14:18] = 52
+    cases = [{"case_id": cid, **evaluate_case(ref_map, pred, labels, spacing=spacing)}
+             for cid, pred in (("good", shifted), ("miss", missed_liver), ("fp", hallucinated_aorta))]
+    assert cases[0]["hd95_penalty_mm"] == pytest.approx(diagonal)
+    liver = [c["metrics"]["liver"] for c in cases]
+    assert liver[0]["HD95"] == pytest.approx(3.0) and not liver[0][PENALIZED]
+    assert liver[1]["HD95"] == pytest.approx(diagonal) and liver[1][PENALIZED] and liver[1]["Dice"] == 0.0
+    aorta = [c["metrics"]["aorta"] for c in cases]
+    assert math.isnan(aorta[0]["HD95"]) and not aorta[0][PENALIZED]  # both empty: NaN, left out
+    assert aorta[2]["HD95"] == pytest.approx(diagonal) and aorta[2][PENALIZED] and aorta[2]["Dice"] == 0.0
+
+    s = summarize(cases, labels)
+    # the miss raises the liver's mean HD95 (before: it was NaN and the nanmean left it out → 3.0 or less)
+    assert s["mean"]["liver"]["HD95"] == pytest.approx((3.0 + diagonal + liver[2]["HD95"]) / 3)
+    assert s["mean"]["aorta"]["HD95"] == pytest.approx(diagonal)  # the hallucination alone; both-empty left out
+    assert s["hd95"]["per_label"]["liver"] == {"n": 3, "penalized": 1, "penalized_cases": ["miss"], "both_empty": 0}
+    assert s["hd95"]["per_label"]["aorta"] == {"n": 1, "penalized": 1, "penalized_cases": ["fp"], "both_empty": 2}
+    assert s["hd95"]["per_label"]["spleen"]["penalized"] == 0
+    assert s["hd95"]["penalized"] == 2 and s["hd95"]["n"] == 3 + 1 + 3
+    assert PENALIZED not in s["mean"]["liver"]  # a flag, counted, not averaged
+    assert json_safe(s)["hd95"]["per_label"]["aorta"]["penalized_cases"] == ["fp"]
+
+
+def test_case_summary_and_known_slices() -> None:
     from app.imaging.coords import Orientation
 
     ref = np.zeros((30, 30, 20), dtype=np.int32)
@@ -72,11 +118,12 @@ def test_case_summary_and_prompted_slices() -> None:
     orientation = Orientation.from_affine(np.diag([1.0, 1.0, 3.0, 1.0]), ref.shape)
     prompted = [k for k in range(20) if k not in (5, 6, 7)]
     case = evaluate_case(ref, pred, {"spleen": 1, "liver": 5, "aorta": 52}, spacing=(1, 1, 3),
-                         orientation=orientation, prompted_slices=prompted)
+                         orientation=orientation, known_slices=prompted)
     m = case["metrics"]
+    assert case["n_known_slices"] == 17
     assert m["spleen"]["Dice"] == pytest.approx(2 * 4 / (7 + 4))  # 4 of 7 spleen slices kept
-    assert m["spleen"]["Dice_prompted_slices"] == 1.0 and m["spleen"]["slice_dice_mean"] == 1.0
-    assert m["liver"]["Dice"] == 2 * 3 / (4 + 3) and m["liver"]["Dice_prompted_slices"] == 1.0
+    assert m["spleen"]["Dice_known_slices"] == 1.0 and m["spleen"]["slice_dice_mean"] == 1.0
+    assert m["liver"]["Dice"] == 2 * 3 / (4 + 3) and m["liver"]["Dice_known_slices"] == 1.0
     assert math.isnan(m["aorta"]["Dice"]) and math.isnan(m["aorta"]["slice_dice_mean"])
     assert set(case["slice_dice"]["spleen"]) == set(prompted)
     assert math.isnan(case["slice_dice"]["spleen"][0]) and case["slice_dice"]["spleen"][8] == 1.0

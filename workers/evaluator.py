@@ -1,8 +1,10 @@
 """Evaluation runner: score each case's prediction against its reference, write summary.json and the report.
 
 Predictions are label maps in the dataset's values on the case's original grid (segmentation masks as
-written by the segmentation job, or uploads converted at request time). For segmentations the prompted
-slices come from ``stats["prompted_slices"]`` (canonical k) and, per label, from ``stats["per_slice"]``.
+written by the segmentation job, or uploads converted at request time). For segmentations the known
+slices (prompted or seen when the segmentation started: ``Dice_known_slices``) come from
+:func:`workers.exporter.known_slices`, the function that decides which slices an ``ignore`` export keeps;
+the slices where each label was prompted (per-slice Dice) from ``stats["per_slice"]``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from app.imaging.coords import Orientation
 from app.jobs.runner import JobContext, params_model, row_and_dataset
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
+from workers.exporter import known_slices
 from workers.metrics import SURFACE_LIBRARY, evaluate_case, nnunet_summary, summarize
 from workers.report import render_report
 
@@ -54,7 +57,7 @@ def evaluate(context: JobContext) -> dict[str, Any]:
         context.progress(i + 1, len(plans))
     summary = summarize(cases, labels)
     side_by_side = {
-        name: {k: summary["mean"][name].get(k) for k in ("Dice", "Dice_prompted_slices", "slice_dice_mean")
+        name: {k: summary["mean"][name].get(k) for k in ("Dice", "Dice_known_slices", "slice_dice_mean")
                if k in summary["mean"][name]}
         for name in labels
     }
@@ -68,6 +71,7 @@ def evaluate(context: JobContext) -> dict[str, Any]:
         "mean": summary["mean"],
         "foreground_mean": summary["foreground_mean"],
         "side_by_side": side_by_side,
+        "hd95": summary["hd95"],
         "missing_cases": params.missing_cases,
         "summary": nnunet_summary(cases, labels),
     })
@@ -99,6 +103,7 @@ def _plan(session: Any, case: EvaluationCase) -> dict[str, Any]:
         if seg is None:
             raise LookupError(f"case {case.case_id}: segmentation {case.segmentation_id} is gone")
         plan["stats"] = dict(seg.stats or {})
+        plan["known_slices"] = known_slices(session, seg)
     return plan
 
 
@@ -106,15 +111,16 @@ def _case(storage: Storage, plan: dict[str, Any], labels: dict[str, int], tolera
     ref = load_label_map(storage, plan["reference_key"])
     pred = load_label_map(storage, plan["prediction_key"])
     stats = plan["stats"]
-    prompted = None
+    prompted = known = None
     label_slices = None
     if stats is not None and stats.get("prompted_slices") is not None:
         prompted = sorted(int(k) for k in stats["prompted_slices"])
-        label_slices = label_slices_from_stats(stats, labels)
+        known = plan["known_slices"]
+        label_slices = label_slices_from_stats(stats, labels) or {name: prompted for name in labels}
     out = evaluate_case(
         ref, pred, labels, spacing=plan["spacing"], tolerance_mm=tolerance,
         orientation=Orientation.from_affine(plan["affine"], plan["shape"]),
-        prompted_slices=prompted, label_slices=label_slices,
+        known_slices=known, label_slices=label_slices,
     )
     return {
         "case_id": plan["case_id"],
@@ -124,5 +130,6 @@ def _case(storage: Storage, plan: dict[str, Any], labels: dict[str, int], tolera
         "reference_file": f"{plan['case_id']}.nii.gz",
         "prediction_file": plan.get("prediction_file") or f"{plan['case_id']}.nii.gz",
         "prompted_slices": prompted,
+        "known_slices": known,
         **out,
     }

@@ -22,7 +22,7 @@ from app.jobs.runner import JobContext, params_model, row_and_dataset
 from app.prompts.models import SliceView
 from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
-from workers.nnunet import CaseInput, make_archive, manifest, write_dataset
+from workers.nnunet import CaseInput, known_slice_set, make_archive, manifest, write_dataset
 
 
 def export(context: JobContext) -> dict[str, Any]:
@@ -101,11 +101,13 @@ def _load_case(storage: Storage, plan: dict[str, Any], tmp: Path) -> CaseInput:
 
 def known_slices(session: Any, seg: Segmentation) -> list[int]:
     """Canonical slices the crowd has labelled for this segmentation: its prompted slices plus slices seen
-    without a box (seen-but-empty = "none of these organs here") up to the time the job started."""
-    prompted = {int(k) for k in (seg.stats or {}).get("prompted_slices", [])}
+    without a box (seen-but-empty = "none of these organs here") up to the time the job started.
+
+    The one definition of "known": an ``ignore`` export keeps these slices and the evaluation's
+    ``Dice_known_slices`` scores them (workers/evaluator.py)."""
+    prompted = (seg.stats or {}).get("prompted_slices", [])
     query = select(SliceView.slice_index).where(SliceView.volume_id == seg.volume_id)
     cutoff = seg.started_at or seg.created_at
     if cutoff is not None:
         query = query.where(SliceView.created_at <= cutoff)
-    seen = {int(k) for k in session.scalars(query).all()}
-    return sorted(prompted | seen)
+    return known_slice_set(prompted, session.scalars(query).all())

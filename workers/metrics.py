@@ -7,8 +7,19 @@ plain mean of the class means (as nnU-Net computes it).
 
 Surface metrics use MONAI (``monai.metrics.compute_surface_dice`` for NSD at a tolerance in mm and
 ``compute_hausdorff_distance(percentile=95)`` for HD95), with the voxel spacing of the original grid.
-Both are NaN when reference and prediction are empty; HD95 is NaN (undefined) when only one is empty,
-NSD is then 0. MONAI (and so torch) is imported lazily.
+MONAI (and so torch) is imported lazily.
+
+Empty masks (DESIGN.md section 9, "Metrics"):
+
+- reference and prediction both empty: every metric is NaN and left out of the means — nnU-Net's
+  convention for Dice/IoU (``compute_metrics``: NaN when TP + FP + FN == 0, class means by ``nanmean``),
+  applied to NSD and HD95 alike: there is nothing to find and nothing was found;
+- exactly one empty (a missed or a hallucinated organ): Dice = IoU = 0 (nnU-Net), NSD = 0 (no surface
+  within the tolerance) and HD95 — undefined, as there is no surface to measure to — gets a penalty,
+  the diagonal of the image's field of view, √Σ(nᵢ·sᵢ)² mm (:func:`hd95_penalty`): larger than any HD95
+  measurable in that image, so a miss always scores worse than the worst real contour. Such a value is
+  flagged ``HD95_penalized`` and counted by :func:`summarize`; it is never dropped (before, HD95 was NaN
+  there and the nanmean left the miss out, so a missed organ made the mean HD95 look better).
 
 The paired statistics and ``json_safe`` live in ``app.evaluations.statistics`` (the API uses them too).
 """
@@ -27,6 +38,11 @@ from app.imaging.metrics import dice  # the one Dice (nnU-Net: NaN when both are
 
 OVERLAP_KEYS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
 SURFACE_LIBRARY = "MONAI compute_surface_dice (NSD) and compute_hausdorff_distance(percentile=95) (HD95)"
+PENALIZED = "HD95_penalized"  # per case and label: True when HD95 is the penalty (not averaged, counted)
+HD95_PENALTY_RULE = (
+    "reference or prediction empty (not both): HD95 = the image's field-of-view diagonal sqrt(sum((n_i*s_i)^2)) "
+    "mm, counted as penalized and kept in the means; both empty: NaN, left out (nnU-Net's convention)"
+)
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -51,13 +67,22 @@ def overlap(ref: BoolArray, pred: BoolArray, use: BoolArray | None = None) -> di
     return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
 
 
-def surface(ref: BoolArray, pred: BoolArray, spacing: Sequence[float], tolerance_mm: float) -> dict[str, float]:
-    """NSD at ``tolerance_mm`` and HD95 in mm (MONAI), on the bounding box of both masks plus a margin."""
+def hd95_penalty(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """HD95 of a missed or hallucinated organ: the field-of-view diagonal √Σ(nᵢ·sᵢ)² in mm, an upper bound
+    of every distance between two voxels of the image."""
+    return float(math.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
+
+
+def surface(ref: BoolArray, pred: BoolArray, spacing: Sequence[float], tolerance_mm: float) -> dict[str, Any]:
+    """NSD at ``tolerance_mm`` and HD95 in mm (MONAI), on the bounding box of both masks plus a margin.
+
+    Both empty: NaN, NaN. Exactly one empty: NSD 0 and HD95 = :func:`hd95_penalty` with
+    ``HD95_penalized`` True (the module's docstring)."""
     has_ref, has_pred = bool(ref.any()), bool(pred.any())
     if not has_ref and not has_pred:
-        return {"NSD": math.nan, "HD95": math.nan}
+        return {"NSD": math.nan, "HD95": math.nan, PENALIZED: False}
     if not has_ref or not has_pred:
-        return {"NSD": 0.0, "HD95": math.nan}
+        return {"NSD": 0.0, "HD95": hd95_penalty(ref.shape, spacing), PENALIZED: True}
     import torch
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
@@ -69,7 +94,7 @@ def surface(ref: BoolArray, pred: BoolArray, spacing: Sequence[float], tolerance
         warnings.simplefilter("ignore", FutureWarning)
         nsd = compute_surface_dice(y_pred, y, [float(tolerance_mm)], include_background=True, spacing=sp)
         hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=sp)
-    return {"NSD": float(nsd.item()), "HD95": float(hd.item())}
+    return {"NSD": float(nsd.item()), "HD95": float(hd.item()), PENALIZED: False}
 
 
 def _crop_pair(a: BoolArray, b: BoolArray, margin: int) -> tuple[BoolArray, BoolArray]:
@@ -112,16 +137,17 @@ def evaluate_case(
     spacing: Sequence[float],
     tolerance_mm: float = 2.0,
     orientation: Any = None,
-    prompted_slices: Sequence[int] | None = None,
+    known_slices: Sequence[int] | None = None,
     label_slices: Mapping[str, Sequence[int]] | None = None,
     surface_metrics: bool = True,
 ) -> dict[str, Any]:
     """All metrics of one case; ``ref`` and ``pred`` are label maps in the dataset's values, original grid.
 
-    With ``prompted_slices`` (canonical k, needs ``orientation``) it adds, per label:
-    ``Dice_prompted_slices`` — Dice of the volume restricted to the prompted slices (what an nnU-Net
-    ``ignore`` export scores), and ``slice_dice`` on the slices where that label was prompted
-    (``label_slices``; all prompted slices when absent) with their mean ``slice_dice_mean``.
+    With ``known_slices`` (canonical k, needs ``orientation``) — the slices the crowd prompted or saw, the
+    set an ``unprompted=ignore`` export keeps (``workers.exporter.known_slices``) — it adds, per label:
+    ``Dice_known_slices``, Dice of the volume restricted to those slices (what nnU-Net scores on such an
+    export, its ``ignore`` voxels left out), and ``slice_dice`` on the slices where that label was
+    prompted (``label_slices``; all known slices when absent) with their mean ``slice_dice_mean``.
     """
     if ref.shape != pred.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from the reference's {ref.shape}")
@@ -130,10 +156,10 @@ def evaluate_case(
     known: BoolArray | None = None
     axis = 0
     to_index: Any = None
-    if prompted_slices is not None:
+    if known_slices is not None:
         axis, to_index = slice_axis_and_index(orientation)
         known = np.zeros(ref.shape, dtype=bool)
-        idx = [to_index(k) for k in prompted_slices]
+        idx = [to_index(k) for k in known_slices]
         sel: list[Any] = [slice(None)] * ref.ndim
         sel[axis] = idx
         known[tuple(sel)] = True
@@ -143,10 +169,10 @@ def evaluate_case(
         row: dict[str, Any] = overlap(r, p)
         if surface_metrics:
             row.update(surface(r, p, spacing, tolerance_mm))
-        if known is not None and prompted_slices is not None:
-            row["Dice_prompted_slices"] = overlap(r, p, known)["Dice"]
+        if known is not None and known_slices is not None:
+            row["Dice_known_slices"] = overlap(r, p, known)["Dice"]
             ks = list(label_slices[name]) if label_slices is not None and name in label_slices else list(
-                prompted_slices)
+                known_slices)
             per_k = {int(k): d for k, d in zip(ks, slice_dice(r, p, axis, [to_index(k) for k in ks]).values(),
                                                 strict=True)}
             slice_values[name] = per_k
@@ -154,6 +180,10 @@ def evaluate_case(
             row["n_prompted_slices"] = len(ks)
         metrics[name] = row
     out: dict[str, Any] = {"metrics": metrics}
+    if surface_metrics:
+        out["hd95_penalty_mm"] = hd95_penalty(ref.shape, spacing)
+    if known_slices is not None:
+        out["n_known_slices"] = len(set(int(k) for k in known_slices))
     if slice_values:
         out["slice_dice"] = slice_values
     return out
@@ -167,14 +197,35 @@ def nanmean(values: Iterable[float | None]) -> float:
 
 
 def summarize(cases: Sequence[Mapping[str, Any]], labels: Mapping[str, int]) -> dict[str, Any]:
-    """Class means (nanmean over cases) and foreground mean (mean of class means) for every metric key."""
+    """Class means (nanmean over cases) and foreground mean (mean of class means) for every metric key, and
+    ``hd95``: per label how many cases entered the HD95 mean (``n``), how many of those are penalties
+    (``penalized``, with their case ids) and how many were left out because both masks were empty."""
     keys: list[str] = []
     for case in cases:
         for row in case["metrics"].values():
-            keys.extend(k for k in row if k not in keys)
+            keys.extend(k for k in row if k not in keys and k != PENALIZED)
     mean = {name: {k: nanmean(c["metrics"][name].get(k) for c in cases) for k in keys} for name in labels}
     foreground = {k: float(np.mean([mean[name][k] for name in labels])) if labels else math.nan for k in keys}
-    return {"mean": mean, "foreground_mean": foreground}
+    out: dict[str, Any] = {"mean": mean, "foreground_mean": foreground}
+    if "HD95" in keys:
+        per_label: dict[str, dict[str, Any]] = {}
+        for name in labels:
+            rows = [(c.get("case_id", i), c["metrics"][name]) for i, c in enumerate(cases)]
+            penalized = [cid for cid, row in rows if row.get(PENALIZED)]
+            values = [row.get("HD95") for _, row in rows]
+            per_label[name] = {
+                "n": sum(1 for v in values if v is not None and not math.isnan(v)),
+                "penalized": len(penalized),
+                "penalized_cases": penalized,
+                "both_empty": sum(1 for v in values if v is None or math.isnan(v)),
+            }
+        out["hd95"] = {
+            "rule": HD95_PENALTY_RULE,
+            "per_label": per_label,
+            "penalized": sum(v["penalized"] for v in per_label.values()),
+            "n": sum(v["n"] for v in per_label.values()),
+        }
+    return out
 
 
 def nnunet_summary(

@@ -9,6 +9,10 @@ Layout written under ``root``::
         imagesTs/{CASE}_0000.nii.gz   test cases (no labels needed by nnU-Net)
         labelsTs/{CASE}.nii.gz        test references, remapped like labelsTr — *not* part of nnU-Net's
                                       required set; kept beside imagesTs for evaluation
+        README.md                     the files and the nnU-Net command sequence
+        dataset_fingerprint.json      ``ignore`` exports only: nnU-Net's fingerprint with ``ignore`` excluded
+                                      from the foreground (:mod:`workers.fingerprint`); it goes to
+                                      ``$nnUNet_preprocessed/DatasetXXX_Name/`` before planning
 
 Labels share the image's header (shape, qform, sform and their codes); only the data type changes
 (:func:`app.imaging.labelmaps.save_label_map`, the app's one label-map writer).
@@ -33,6 +37,7 @@ import numpy.typing as npt
 from app.core.storage import sha256_file
 from app.imaging.coords import Orientation
 from app.imaging.labelmaps import save_label_map
+from workers import fingerprint as nnunet_fingerprint
 
 FILE_ENDING = ".nii.gz"
 IGNORE = "ignore"
@@ -100,6 +105,13 @@ class LabelMapping:
         return out
 
 
+def known_slice_set(prompted: Iterable[int], seen: Iterable[int]) -> list[int]:
+    """Canonical slices the crowd has labelled: prompted, or seen without a box ("none of these organs here").
+    An ``ignore`` export keeps exactly these (every other slice gets ``ignore``) and ``Dice_known_slices``
+    scores exactly these."""
+    return sorted({int(k) for k in prompted} | {int(k) for k in seen})
+
+
 def unknown_slice_mask(orientation: Orientation, known_slices: Iterable[int]) -> npt.NDArray[np.bool_]:
     """Boolean mask on the ORIGINAL grid: True on every axial slice (canonical k) not in ``known_slices``."""
     canonical = np.ones(orientation.canonical_shape, dtype=bool)
@@ -151,6 +163,16 @@ def write_dataset(
         n_train += case.split == "train"
         if progress is not None:
             progress(i + 1, len(cases))
+    fingerprint = None
+    if mapping.ignore_value is not None and n_train:
+        train = sorted(c.case_id for c in cases if c.split == "train")  # nnU-Net's order (np.unique of ids)
+        fingerprint = nnunet_fingerprint.dataset_fingerprint(
+            [(folder / "imagesTr" / f"{c}_0000{FILE_ENDING}", folder / "labelsTr" / f"{c}{FILE_ENDING}")
+             for c in train],
+            ignore_value=mapping.ignore_value,
+        )
+        if fingerprint is not None:
+            nnunet_fingerprint.write_fingerprint(fingerprint, folder / nnunet_fingerprint.FILE_NAME)
     dataset_json: dict[str, Any] = {
         "channel_names": {"0": "CT"},
         "labels": mapping.nnunet_labels(),
@@ -163,12 +185,87 @@ def write_dataset(
             "unprompted": unprompted,
             "labelsTs": "references of the test cases, remapped like labelsTr; not part of nnU-Net's "
                         "required set (nnU-Net ignores this folder)",
+            **({"fingerprint": _fingerprint_note(folder.name, fingerprint)} if mapping.ignore_value is not None
+               else {}),
             "cases": per_case,
             **(extra or {}),
         },
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2, sort_keys=False))
+    (folder / "README.md").write_text(readme(folder.name, number, description, with_fingerprint=fingerprint is not None,
+                                             with_ignore=mapping.ignore_value is not None))
     return folder
+
+
+def _fingerprint_note(folder_name: str, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    if fingerprint is None:
+        return {"file": None, "why": "no train case has a labelled organ voxel: nnU-Net cannot normalise on them"}
+    return {
+        "file": nnunet_fingerprint.FILE_NAME,
+        "copy_to": f"$nnUNet_preprocessed/{folder_name}/{nnunet_fingerprint.FILE_NAME}",
+        "foreground": "labels 1..n; 'ignore' excluded (nnU-Net 2.8.1 would count it as foreground)",
+        "foreground_intensity_properties": fingerprint["foreground_intensity_properties_per_channel"]["0"],
+    }
+
+
+def readme(folder_name: str, number: int, description: str, *, with_ignore: bool, with_fingerprint: bool) -> str:
+    """The export's README.md: what the files are and the nnU-Net v2 command sequence (DESIGN.md section 9)."""
+    fp = nnunet_fingerprint.FILE_NAME
+    lines = [
+        f"# {folder_name}: an nnU-Net v2 raw dataset",
+        "",
+        description,
+        "",
+        "- `dataset.json`: nnU-Net's dataset description; its `crowdsam` entry records where every case came",
+        "  from (volume, segmentation, known slices).",
+        "- `imagesTr/`, `labelsTr/`: training cases. `imagesTs/` holds the test images; `labelsTs/` holds their",
+        "  references (for evaluation; nnU-Net does not read this folder).",
+    ]
+    if with_ignore:
+        lines += [
+            "- Slices that no annotator prompted or saw carry the `ignore` label (the highest value): nnU-Net",
+            "  does not train on them.",
+        ]
+    if with_fingerprint:
+        lines += [
+            f"- `{fp}`: nnU-Net's dataset fingerprint computed with the `ignore` label left out of the",
+            "  foreground.",
+        ]
+    lines += ["", "## Training with nnU-Net v2", "", "```bash",
+              "export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed \\",
+              "       nnUNet_results=/data/nnUNet_results",
+              f'cp -r {folder_name} "$nnUNet_raw/"']
+    if with_fingerprint:
+        lines += [f'mkdir -p "$nnUNet_preprocessed/{folder_name}"',
+                  f'cp {folder_name}/{fp} "$nnUNet_preprocessed/{folder_name}/"',
+                  f"nnUNetv2_plan_and_preprocess -d {number} --verify_dataset_integrity   # never with --clean"]
+    else:
+        lines += [f"nnUNetv2_plan_and_preprocess -d {number} --verify_dataset_integrity"]
+    lines += [f"nnUNetv2_train {number} 3d_fullres 0   # and folds 1-4", "```", ""]
+    if with_fingerprint:
+        lines += [
+            "Why the fingerprint: nnU-Net v2 (2.8.1) normalises CT with statistics of the *foreground* voxels'",
+            "intensities (`CTNormalization`: clip to their 0.5 and 99.5 percentiles, subtract their mean, divide",
+            "by their standard deviation). Its fingerprint extractor counts every label above 0 as foreground,",
+            "`ignore` included, so on this dataset it would compute those statistics mostly on air, fat and bone",
+            "(MIC-DKFZ/nnUNet#3055). nnU-Net skips fingerprint extraction when",
+            f"`$nnUNet_preprocessed/{folder_name}/{fp}` exists and `--clean` is not given, and the planner",
+            "copies the fingerprint's `foreground_intensity_properties_per_channel` into the plans that",
+            "preprocessing and inference normalise with. The shipped file repeats nnU-Net's computation",
+            "step for step (same cropping, sampling, seed and statistics) with `ignore` excluded; spacings",
+            "and shapes are the ones nnU-Net computes.",
+            "",
+            "Check after planning: `foreground_intensity_properties_per_channel` in",
+            f"`$nnUNet_preprocessed/{folder_name}/nnUNetPlans.json` (or the plans of any other planner, `-pl`)",
+            f"equals the one in `{fp}`. Running `nnUNetv2_extract_fingerprint` or",
+            "`nnUNetv2_plan_and_preprocess --clean` replaces the file with statistics that include `ignore`;",
+            "if you add or change cases, export the dataset again instead.",
+            "",
+        ]
+    elif with_ignore:
+        lines += ["No train case has a labelled organ voxel, so no fingerprint is shipped: nnU-Net would",
+                  "normalise on `ignore` voxels only. Label some slices first.", ""]
+    return "\n".join(lines)
 
 
 def _write_case(folder: Path, case: CaseInput, mapping: LabelMapping) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.core.responses import PG_INT_MAX
 from app.jobs.states import DatasetJobOut
 
-CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_prompted_slices", "slice_dice_mean"]
+CompareMetric = Literal["dice", "iou", "nsd", "hd95", "dice_known_slices", "slice_dice_mean"]
 METRIC_KEYS: dict[str, str] = {
     "dice": "Dice", "iou": "IoU", "nsd": "NSD", "hd95": "HD95",
-    "dice_prompted_slices": "Dice_prompted_slices", "slice_dice_mean": "slice_dice_mean",
+    "dice_known_slices": "Dice_known_slices", "slice_dice_mean": "slice_dice_mean",
 }
 
 
@@ -29,12 +29,20 @@ class CompareRequest(BaseModel):
 
     a: int = Field(ge=1, le=PG_INT_MAX, description="evaluation id")
     b: int = Field(ge=1, le=PG_INT_MAX, description="evaluation id")
-    metric: CompareMetric = "dice"
+    metric: CompareMetric = Field(
+        default="dice",
+        description="hd95 includes the penalty of missed/hallucinated organs (the field-of-view diagonal); "
+                    "dice_known_slices (renamed from dice_prompted_slices) is Dice over the slices the crowd "
+                    "prompted or saw",
+    )
 
 
 class EvaluationOut(DatasetJobOut):
     result: dict[str, Any] | None = Field(
         default=None,
-        description="per case and label Dice, IoU, TP, FP, FN, TN, n_pred, n_ref, NSD, HD95 (null = NaN), "
-                    "per prompted slice Dice beside per volume Dice, class means and foreground_mean",
+        description="per case and label Dice, IoU, TP, FP, FN, TN, n_pred, n_ref, NSD, HD95 (null = NaN: both "
+                    "masks empty) with HD95_penalized (a missed or hallucinated organ: HD95 = the image's "
+                    "field-of-view diagonal in mm, kept in the means), Dice_known_slices (the slices prompted or "
+                    "seen, as an ignore export keeps them) and per prompted slice Dice beside per volume Dice; "
+                    "class means, foreground_mean, and hd95 (per label: cases in the mean, penalized, both empty)",
     )

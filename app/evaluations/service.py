@@ -209,9 +209,15 @@ def compare(session: Session, body: CompareRequest) -> dict[str, Any]:
         per_label[name] = paired_wilcoxon(x, y)
         pooled_x += x
         pooled_y += y
+    extra: dict[str, Any] = {}
+    if key == "HD95":  # a missed or hallucinated organ's HD95 is the penalty (workers/metrics.py): say how often
+        extra["hd95_penalized"] = {
+            side: sum(1 for c in common for name in labels if cases[c]["metrics"][name].get("HD95_penalized"))
+            for side, cases in (("a", cases_a), ("b", cases_b))
+        }
     return json_safe({
         "a": a.id, "b": b.id, "metric": body.metric, "cases": common,
-        "per_label": per_label, "pooled": paired_wilcoxon(pooled_x, pooled_y),
+        "per_label": per_label, "pooled": paired_wilcoxon(pooled_x, pooled_y), **extra,
         "test": "scipy.stats.wilcoxon, paired, two-sided, zero_method='wilcox'; pairs with a NaN side dropped",
         "effect_size": "matched-pairs rank-biserial correlation of a − b (+1: every pair favours a)",
     })
