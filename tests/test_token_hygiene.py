@@ -138,7 +138,7 @@ def test_cli_creates_a_token_that_expires_and_prints_a_fragment_link(client) -> 
 
 
 def test_every_response_has_the_security_headers(client, tokens) -> None:
-    for path, headers in [("/healthz", {}), ("/annotate", {}), ("/review/1", {}), ("/static/js/auth.js", {}),
+    for path, headers in [("/healthz", {}), ("/annotate", {}), ("/review/1", {}), ("/static/js/page.js", {}),
                           ("/api/v1/me", {}), ("/api/v1/me", tokens.headers("annotator")),
                           ("/api/v1/nothing", {}), ("/openapi.json", {})]:
         response = client.get(path, headers=headers)

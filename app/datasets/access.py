@@ -15,10 +15,11 @@ path (prompt posts with a known token) costs no extra query.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
+from cachetools import LRUCache
 from fastapi import Request
 from sqlalchemy import Select, exists, select
 from sqlalchemy.dialects.postgresql import insert
@@ -52,16 +53,28 @@ _OWNERS: dict[str, tuple[str, Any]] = {
 _CACHE_SIZE = 100_000
 
 
-class _Lru(OrderedDict[Any, Any]):
+class _Lru:
+    """A bounded LRU map used from the event loop and from worker threads (``LRUCache`` itself is not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cache: LRUCache[Any, Any] = LRUCache(maxsize=_CACHE_SIZE)
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            return self._cache.get(key)
+
     def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > _CACHE_SIZE:
-            self.popitem(last=False)
+        with self._lock:
+            self._cache[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
 
-_dataset_of: _Lru = _Lru()  # (param, id) → dataset id (resources never change dataset; only found ones)
-_membership: _Lru = _Lru()  # (token id, dataset id) → (valid until, is member)
+_dataset_of = _Lru()  # (param, id) → dataset id (resources never change dataset; only found ones)
+_membership = _Lru()  # (token id, dataset id) → (valid until, is member)
 
 
 def forget_memberships() -> None:

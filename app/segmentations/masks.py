@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import cachetools
 import numpy as np
 import numpy.typing as npt
 
@@ -26,8 +26,8 @@ from app.segmentations.models import Segmentation
 from app.volumes.models import Volume
 
 _CACHE_SIZE = 8
-_cache: OrderedDict[str, npt.NDArray[Any]] = OrderedDict()
-_lock = threading.Lock()
+_cache: cachetools.LRUCache[str, npt.NDArray[Any]] = cachetools.LRUCache(maxsize=_CACHE_SIZE)
+_lock = threading.Condition()  # the review page asks for many slices at once: one decode per mask
 OVERLAY_ALPHA = 0.45
 
 
@@ -41,20 +41,17 @@ def binary_mask_nifti(storage: Storage, row: Segmentation, value: int) -> bytes:
         return path.read_bytes()
 
 
+def _mask_digest(storage: Storage, volume: Volume, row: Segmentation) -> str:
+    assert row.mask_key is not None and row.mask_sha256 is not None
+    return row.mask_sha256
+
+
+@cachetools.cached(_cache, key=_mask_digest, condition=_lock)
 def canonical_labels(storage: Storage, volume: Volume, row: Segmentation) -> npt.NDArray[Any]:
     """The finished label map on the canonical grid (cached by the mask's sha256)."""
-    assert row.mask_key is not None and row.mask_sha256 is not None
-    with _lock:
-        if row.mask_sha256 in _cache:
-            _cache.move_to_end(row.mask_sha256)
-            return _cache[row.mask_sha256]
+    assert row.mask_key is not None
     data = open_label_map(storage, row.mask_key).labels
-    canonical = Orientation.from_affine(volume.affine, volume.shape).canonical(data)
-    with _lock:
-        _cache[row.mask_sha256] = canonical
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return canonical
+    return Orientation.from_affine(volume.affine, volume.shape).canonical(data)
 
 
 def parse_label_filter(raw: str | None, labels: dict[str, int]) -> dict[str, int]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import threading
-from collections import OrderedDict
 from typing import Any
 
+import cachetools
 import numpy as np
 import numpy.typing as npt
 
@@ -17,26 +17,17 @@ from app.imaging.render import png_bytes, window_to_uint8
 from app.volumes.models import Volume
 
 _CACHE_SIZE = 16
-_cache: OrderedDict[str, npt.NDArray[Any]] = OrderedDict()
-_lock = threading.Lock()
+_cache: cachetools.LRUCache[str, npt.NDArray[Any]] = cachetools.LRUCache(maxsize=_CACHE_SIZE)
+_lock = threading.Condition()  # concurrent misses of one key wait for the first one's load
 
 
+@cachetools.cached(_cache, key=lambda storage, key: key, condition=_lock)
 def canonical_array(storage: Storage, key: str) -> npt.NDArray[Any]:
     """The canonical volume, memory-mapped when local; a small LRU keeps recent volumes open."""
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
     if storage.is_local:
         with storage.local_copy(key) as path:
-            array = np.load(path, mmap_mode="r")
-    else:
-        array = np.load(io.BytesIO(storage.read_bytes(key)))
-    with _lock:
-        _cache[key] = array
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return array
+            return np.load(path, mmap_mode="r")
+    return np.load(io.BytesIO(storage.read_bytes(key)))
 
 
 def forget(key: str) -> None:

@@ -1,9 +1,15 @@
 """Two-level cache of numpy records: bounded in-memory LRU + bounded on-disk store.
 
 Used for image embeddings (key: image content hash, slice, model, preprocessing signature) and
-for decoded slices (key additionally: the slice's prompts, fusion and labels). Disk entries are
-``<key>.npz`` files written atomically (temp file + ``os.replace``); when the directory grows past
-``max_bytes`` the least recently used files (oldest mtime; a hit refreshes it) are deleted first.
+for decoded slices (key additionally: the slice's prompts, fusion and labels).
+
+Memory: a ``cachetools.LRUCache`` of ``max_entries`` records (the arrays themselves, no copy).
+Disk: a ``diskcache.Cache`` (SQLite index + one file per record, the record as uncompressed ``.npz``
+bytes) bounded to ``max_bytes`` with least-recently-used eviction (a disk hit counts as a use). The
+index keeps the total size, so a write never lists the folder (before: a glob and a stat of every
+entry per write). A record's file is complete before its row commits, so a reader never sees half an
+entry; processes sharing the folder share the index and its bound. A damaged entry reads as a miss
+and is dropped; a locked index (another process) is a miss or a skipped write, never an error.
 """
 
 from __future__ import annotations
@@ -11,18 +17,49 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import threading
-from collections import OrderedDict
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import cachetools
+import diskcache
 import numpy as np
 import numpy.typing as npt
 
 from app.core.hashing import sha256_text
 
 Record = dict[str, npt.NDArray[Any]]
+
+_INDEX_TIMEOUT_S = 10.0  # wait this long for another process's write before giving up (miss / no write)
+
+
+class _NpzDisk(diskcache.Disk):
+    """diskcache's file store, writing a record straight into its file as ``.npz`` (no in-memory copy)."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[int, int, str | None, Any]:
+        if type(value) is not dict:
+            return super().store(value, read, key=key)
+        filename, full_path = self.filename(key, value)
+        try:
+            with _create(full_path) as handle:
+                np.savez(handle, **value)
+                size = handle.tell()
+        except BaseException:  # no row points at the file yet: nobody sees it; remove what was written
+            self.remove(filename)
+            raise
+        return size, diskcache.core.MODE_BINARY, filename, None
+
+
+def _create(path: str) -> BinaryIO:
+    for attempt in range(10):  # another process may remove an empty sub-folder between makedirs and open
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            return open(path, "xb")
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
+    raise AssertionError("unreachable")
 
 
 def make_key(**parts: object) -> str:
@@ -36,18 +73,22 @@ class ArrayCache:
         self.directory = Path(directory) if directory is not None else None
         self.max_entries = max(0, int(max_entries))
         self.max_bytes = max(0, int(max_bytes))
-        self._memory: OrderedDict[str, Record] = OrderedDict()
+        self._memory: cachetools.LRUCache[str, Record] = cachetools.LRUCache(maxsize=max(1, self.max_entries))
         self._lock = threading.Lock()
+        self._disk: diskcache.Cache | None = None
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # Every record goes to a file (_NpzDisk); at most one eviction per write keeps the
+            # bound for records of one size, a larger record is made room for by cull() after the write.
+            self._disk = diskcache.Cache(str(self.directory), timeout=_INDEX_TIMEOUT_S, disk=_NpzDisk,
+                                         size_limit=self.max_bytes, eviction_policy="least-recently-used",
+                                         cull_limit=1, statistics=False)
 
     # --- public -----------------------------------------------------------------------------
     def get(self, key: str) -> Record | None:
         with self._lock:
             record = self._memory.get(key)
-            if record is not None:
-                self._memory.move_to_end(key)
-                return record
+        if record is not None:
+            return record
         record = self._read(key)
         if record is not None:
             self._remember(key, record)
@@ -62,17 +103,17 @@ class ArrayCache:
             self._memory.clear()
 
     def disk_bytes(self) -> int:
-        return sum(size for _, size, _ in self._entries())
+        """Bytes the disk tier uses: its records and its index (what ``max_bytes`` bounds)."""
+        return 0 if self._disk is None else int(self._disk.volume())
 
     def disk_keys(self) -> list[str]:
-        return [path.stem for path, _, _ in self._entries()]
+        return [] if self._disk is None else [str(key) for key in self._disk.iterkeys()]
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
             if key in self._memory:
                 return True
-        path = self._path(key)
-        return path is not None and path.is_file()
+        return self._disk is not None and key in self._disk
 
     # --- memory -------------------------------------------------------------------------------
     def _remember(self, key: str, record: Record) -> None:
@@ -80,64 +121,31 @@ class ArrayCache:
             return
         with self._lock:
             self._memory[key] = record
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.max_entries:
-                self._memory.popitem(last=False)
 
     # --- disk ---------------------------------------------------------------------------------
-    def _path(self, key: str) -> Path | None:
-        return None if self.directory is None else self.directory / f"{key}.npz"
-
     def _read(self, key: str) -> Record | None:
-        path = self._path(key)
-        if path is None or not path.is_file():
+        if self._disk is None:
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                record = {name: data[name] for name in data.files}
-        except (OSError, ValueError):  # truncated/corrupt file: treat as a miss and drop it
-            path.unlink(missing_ok=True)
+            handle = self._disk.get(key, read=True)  # refreshes the entry's last use
+        except diskcache.Timeout:
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: evicted last
-        return record
+        if handle is None:
+            return None
+        try:
+            with handle, np.load(handle, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # damaged entry: a miss, and dropped
+            with contextlib.suppress(diskcache.Timeout):
+                self._disk.delete(key)
+            return None
 
     def _write(self, key: str, record: Record) -> None:
-        path = self._path(key)
-        if path is None or self.max_bytes == 0:
+        if self._disk is None or self.max_bytes == 0:
             return
-        assert self.directory is not None
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".npz")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **record)  # type: ignore[arg-type]
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._evict(keep=path)
-
-    def _entries(self) -> list[tuple[Path, int, int]]:
-        if self.directory is None:
-            return []
-        out = []
-        for path in self.directory.glob("*.npz"):
-            if path.name.startswith(".tmp-"):
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            out.append((path, stat.st_size, stat.st_mtime_ns))
-        return out
-
-    def _evict(self, keep: Path) -> None:
-        entries = sorted(self._entries(), key=lambda e: (e[2], e[0].name))
-        total = sum(size for _, size, _ in entries)
-        for path, size, _ in entries:
-            if total <= self.max_bytes:
-                break
-            if path == keep:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
+            self._disk.set(key, dict(record))
+            if self._disk.volume() > self.max_bytes:
+                self._disk.cull()
+        except diskcache.Timeout:
+            return  # another process holds the index: the record stays in memory only

@@ -1,12 +1,11 @@
 // The crowd annotation page: get a slice from GET /api/v1/tasks/next, draw boxes, submit them.
-import { Api, API, ApiError, describe } from './api.js';
-import { bindLoginForm, clearToken, showLogin, takeToken } from './auth.js';
+import { API, ApiError, describe } from './api.js';
 import { CURSORS, clampBox, dragBox, hitTest, normalize, roundBox } from './geometry.js';
 import { Outbox, ownerTag } from './outbox.js';
+import { $, bindZoomButtons, onKeys, setStatus, showLogin, signInAgain, startPage, wheelZoom } from './page.js';
 import { uuid } from './uuid.js';
 import { View } from './view.js';
 
-const $ = (id) => document.getElementById(id);
 const DATASET_KEY = 'crowdsam.dataset';
 const MIN_BOX_SCREEN_PX = 4;
 
@@ -34,22 +33,17 @@ view.onChange(() => {
   $('zoom-level').textContent = `${Math.round(view.zoom * 100)}%`;
 });
 
-// ---------------------------------------------------------------- sign-in and start-up
+// ---------------------------------------------------------------- start-up
 
+/** The first request with a token: the datasets it may annotate (throws when the token is refused). */
+async function load(api) {
+  state.api = api;
+  state.outbox = new Outbox(api, ownerTag(api.token), onOutboxEvent);
+  state.datasets = await api.json('datasets');
+}
 
-async function start(token) {
-  state.api = new Api(token);
-  state.outbox = new Outbox(state.api, ownerTag(token), onOutboxEvent);
-  try {
-    state.datasets = await state.api.json('datasets');
-  } catch (error) {
-    if (error instanceof ApiError && error.auth) clearToken();
-    showLogin(describe(error));
-    return;
-  }
-  $('login').hidden = true;
-  $('workspace').hidden = false;
-  $('logout').hidden = false;
+/** The workspace shows: choose the dataset, send what an earlier visit kept, then the first task. */
+async function show() {
   chooseDataset();
   if (state.outbox.pending().length) {
     setStatus('Sending boxes saved earlier…');
@@ -76,12 +70,6 @@ $('dataset').addEventListener('change', async () => {
   state.datasetId = Number($('dataset').value);
   sessionStorage.setItem(DATASET_KEY, String(state.datasetId));
   await nextTask();
-});
-
-$('logout').addEventListener('click', () => {
-  clearToken();
-  state.api = null;
-  showLogin('Signed out.');
 });
 
 // ---------------------------------------------------------------- tasks and slice images
@@ -306,8 +294,7 @@ canvas.addEventListener(
   (event) => {
     if (!view.image) return;
     event.preventDefault();
-    const rect = canvas.getBoundingClientRect();
-    view.zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15, event.clientX - rect.left, event.clientY - rect.top);
+    wheelZoom(view, event);
   },
   { passive: false },
 );
@@ -405,9 +392,7 @@ function refreshControls() {
 
 $('delete-box').addEventListener('click', deleteSelected);
 $('add-box').addEventListener('click', addCentredBox);
-$('zoom-in').addEventListener('click', () => view.zoomBy(1.25));
-$('zoom-out').addEventListener('click', () => view.zoomBy(1 / 1.25));
-$('zoom-fit').addEventListener('click', () => view.reset());
+bindZoomButtons(view);
 $('pan').addEventListener('click', () => {
   state.panMode = !state.panMode;
   $('pan').setAttribute('aria-pressed', String(state.panMode));
@@ -426,12 +411,6 @@ function addCentredBox() {
 
 // ---------------------------------------------------------------- submitting
 
-function setStatus(text, isError = false) {
-  const el = $('status');
-  el.textContent = text;
-  el.classList.toggle('error', isError);
-}
-
 function onOutboxEvent(event) {
   if (event.state === 'sending') {
     setStatus(event.attempt > 1 ? `Sending again (attempt ${event.attempt})…` : 'Sending…');
@@ -444,14 +423,13 @@ function onOutboxEvent(event) {
   }
 }
 
+const KEPT = 'Your boxes are kept and will be sent after you sign in.';
+
 /** Flush the outbox; true when everything was accepted. */
 async function sendOutbox() {
   const result = await state.outbox.flush();
   if (result.blocked) {
-    if (result.blocked.status === 401) {
-      clearToken();
-      showLogin(`${describe(result.blocked)} Your boxes are kept and will be sent after you sign in.`);
-    }
+    if (result.blocked.status === 401) signInAgain(result.blocked, `${describe(result.blocked)} ${KEPT}`);
     return false;
   }
   return Object.keys(result.rejected).length === 0;
@@ -481,8 +459,7 @@ async function submit(nothingHere) {
     return;
   }
   if (result.blocked && result.blocked.status === 401) {
-    clearToken();
-    showLogin(`${describe(result.blocked)} Your boxes are kept and will be sent after you sign in.`);
+    signInAgain(result.blocked, `${describe(result.blocked)} ${KEPT}`);
     return;
   }
   refreshControls();
@@ -493,19 +470,13 @@ $('nothing').addEventListener('click', () => submit(true));
 
 // ---------------------------------------------------------------- keyboard
 
-function typingInto(target) {
-  return target instanceof HTMLInputElement && !['radio', 'checkbox', 'range'].includes(target.type)
-    || target instanceof HTMLTextAreaElement || target instanceof HTMLSelectElement;
-}
-
-document.addEventListener('keydown', (event) => {
-  if ($('workspace').hidden || typingInto(event.target)) return;
+onKeys(view, (event) => {
   if (event.ctrlKey && event.key === 'Enter') {
     event.preventDefault();
     submit(false);
-    return;
+    return true;
   }
-  if (event.ctrlKey || event.metaKey) return;
+  if (event.ctrlKey || event.metaKey) return true;
   const sel = selectedBox();
   if (/^[1-9]$/.test(event.key) && !event.altKey) {
     const entry = state.labels[Number(event.key) - 1];
@@ -530,17 +501,14 @@ document.addEventListener('keydown', (event) => {
   } else if (event.key === 'b' || event.key === 'B') {
     event.preventDefault();
     addCentredBox();
-  } else if (event.key === '+' || event.key === '=') {
-    view.zoomBy(1.25);
-  } else if (event.key === '-') {
-    view.zoomBy(1 / 1.25);
-  } else if (event.key === '0') {
-    view.reset();
   } else if (event.key === ' ' && (event.target === canvas || event.target === document.body)) {
     event.preventDefault();
     state.spaceHeld = true;
+  } else {
+    return false;
   }
-});
+  return true;
+}, { inputsWithoutKeys: ['radio', 'checkbox', 'range'] });
 
 document.addEventListener('keyup', (event) => {
   if (event.key === ' ') state.spaceHeld = false;
@@ -548,10 +516,7 @@ document.addEventListener('keyup', (event) => {
 
 // ---------------------------------------------------------------- go
 
-bindLoginForm($('login-form'), $('token-input'), (token) => start(token));
-const { token: initial, notice } = takeToken();
-if (initial) start(initial);
-else showLogin(notice);
+startPage({ load, show, onSignOut: () => { state.api = null; } });
 
 // For debugging and tests: a read-only peek at the page state.
 window.crowdsamAnnotate = { state, view, API };

@@ -1,10 +1,9 @@
 // The researcher review page: scroll a volume's slices with the crowd's boxes and a SAM mask overlaid.
-import { Api, ApiError, describe } from './api.js';
-import { bindLoginForm, clearToken, showLogin, takeToken } from './auth.js';
+import { API, describe } from './api.js';
+import { $, bindZoomButtons, onKeys, setStatus, startPage, wheelZoom } from './page.js';
 import { labelColor } from '/static/palette.js';
 import { View } from './view.js';
 
-const $ = (id) => document.getElementById(id);
 const DASHES = [[], [8, 4], [2, 3], [10, 3, 2, 3], [4, 4]];
 const CACHE_SIZE = 64;
 
@@ -54,31 +53,18 @@ function colorOf(name) {
   return entry ? labelColor(entry[1]) : '#ffffff';
 }
 
-function setStatus(text, isError = false) {
-  $('status').textContent = text;
-  $('status').classList.toggle('error', isError);
+// ---------------------------------------------------------------- start-up and loading
+
+/** The first requests with a token: the volume and its dataset (throws when the token is refused). */
+async function load(api) {
+  state.api = api;
+  if (!Number.isInteger(volumeId) || volumeId <= 0) throw new Error('The address must be /review/<volume id>.');
+  state.volume = await api.json(`volumes/${volumeId}`);
+  state.dataset = await api.json(`datasets/${state.volume.dataset_id}`);
 }
 
-// ---------------------------------------------------------------- sign-in and loading
-
-
-async function start(token) {
-  state.api = new Api(token);
-  if (!Number.isInteger(volumeId) || volumeId <= 0) {
-    showLogin('The address must be /review/<volume id>.');
-    return;
-  }
-  try {
-    state.volume = await state.api.json(`volumes/${volumeId}`);
-    state.dataset = await state.api.json(`datasets/${state.volume.dataset_id}`);
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 401) clearToken();
-    showLogin(describe(error));
-    return;
-  }
-  $('login').hidden = true;
-  $('workspace').hidden = false;
-  $('logout').hidden = false;
+/** The workspace shows: the slice of the link (else the middle one) with boxes, coverage and a mask. */
+async function show() {
   state.labels = Object.entries(state.dataset.labels).sort((a, b) => a[1] - b[1]);
   const v = state.volume;
   $('volume-info').textContent = `${state.dataset.name} · case ${v.case_id} · volume ${v.id} · ${v.display_size[0]}×${v.display_size[1]}×${v.n_slices}`;
@@ -156,7 +142,7 @@ function chooseSegmentation(seg) {
   const link = $('download');
   if (seg) {
     link.hidden = false;
-    link.href = `/api/v1/segmentations/${seg.id}/mask`;
+    link.href = `${API}/segmentations/${seg.id}/mask`;
     const timings = seg.stats && seg.stats.timings ? ` · ${Number(seg.stats.timings.total_s || 0).toFixed(1)} s` : '';
     const prompted = seg.stats && seg.stats.prompted_slices ? ` · ${seg.stats.prompted_slices.length} prompted slices` : '';
     $('seg-info').textContent = `Model ${seg.model}, fusion ${seg.fusion}${prompted}${timings}`;
@@ -354,9 +340,7 @@ $('coverage').addEventListener('click', (event) => {
   showSlice(Math.floor(((event.clientX - rect.left) / rect.width) * state.volume.n_slices));
 });
 $('window').addEventListener('change', () => refreshSlice());
-$('zoom-in').addEventListener('click', () => view.zoomBy(1.25));
-$('zoom-out').addEventListener('click', () => view.zoomBy(1 / 1.25));
-$('zoom-fit').addEventListener('click', () => view.reset());
+bindZoomButtons(view);
 $('show-prompts').addEventListener('change', () => {
   state.showPrompts = $('show-prompts').checked;
   view.render();
@@ -387,18 +371,12 @@ $('download').addEventListener('click', async (event) => {
     setStatus(`Download failed: ${describe(error)}`, true);
   }
 });
-$('logout').addEventListener('click', () => {
-  clearToken();
-  showLogin('Signed out.');
-});
-
 $('canvas').addEventListener(
   'wheel',
   (event) => {
     event.preventDefault();
     if (event.ctrlKey) {
-      const rect = $('canvas').getBoundingClientRect();
-      view.zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15, event.clientX - rect.left, event.clientY - rect.top);
+      wheelZoom(view, event);
     } else {
       showSlice(state.slice + (event.deltaY > 0 ? 1 : -1));
     }
@@ -406,10 +384,8 @@ $('canvas').addEventListener(
   { passive: false },
 );
 
-document.addEventListener('keydown', (event) => {
-  if ($('workspace').hidden || event.ctrlKey || event.metaKey || event.altKey) return;
-  const target = event.target;
-  if (target instanceof HTMLSelectElement || (target instanceof HTMLInputElement && target.type !== 'checkbox')) return;
+onKeys(view, (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey) return true;
   const steps = { ArrowUp: -1, ArrowDown: 1, k: -1, j: 1, PageUp: -10, PageDown: 10 };
   if (event.key in steps) {
     event.preventDefault();
@@ -423,20 +399,14 @@ document.addEventListener('keydown', (event) => {
     view.render();
   } else if (event.key === 'p' || event.key === 'P') {
     $('show-prompts').click();
-  } else if (event.key === '+' || event.key === '=') {
-    view.zoomBy(1.25);
-  } else if (event.key === '-') {
-    view.zoomBy(1 / 1.25);
-  } else if (event.key === '0') {
-    view.reset();
+  } else {
+    return false;
   }
+  return true;
 });
 
 new ResizeObserver(() => drawCoverage()).observe($('coverage'));
 
-bindLoginForm($('login-form'), $('token-input'), (token) => start(token));
-const { token: initial, notice } = takeToken();
-if (initial) start(initial);
-else showLogin(notice);
+startPage({ load, show });
 
 window.crowdsamReview = { state, view };
