@@ -1,4 +1,5 @@
-"""Task assignment: anatomy first, fewest annotators first, never twice, leases spread annotators."""
+"""Task assignment: every slice (organ-free ones too), fewest annotators first, disputed slices get extra views,
+gold at its rate, never twice, leases spread annotators, and nothing read from the reference."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tests.conftest import CT_DIR, upload
 KIDNEY_MAP = {"2": "kidney_right"}  # a reference with one organ that spans only part of the volume
 
 
-def _expected_interest() -> list[int]:
+def _kidney_slices() -> list[int]:
+    """Slices of example_ct_sm that hold the right kidney (the others are organ-free for that reference)."""
     img = nib.load(str(CT_DIR / "example_seg.nii.gz"))  # RAS: canonical k == original z
     data = np.asarray(img.dataobj)
     present = np.isin(data, [int(v) for v in KIDNEY_MAP]).any(axis=(0, 1))
@@ -76,7 +78,7 @@ def test_task_shape(client, tokens, dataset, kidney_volume):
     assert r.status_code == 200, r.text
     task = r.json()
     assert task["dataset_id"] == dataset["id"] and task["volume_id"] == kidney_volume["id"] and task["case_id"] == "sm"
-    assert task["slice"] in _expected_interest()
+    assert 0 <= task["slice"] < 30
     assert task["labels"] == dataset["labels"] and set(task["colors"]) == set(dataset["labels"])
     assert all(c.startswith("#") and len(c) == 7 for c in task["colors"].values())
     assert task["slice_url"] == f"/api/v1/volumes/{kidney_volume['id']}/slices/{task['slice']}.png"
@@ -88,32 +90,31 @@ def test_task_shape(client, tokens, dataset, kidney_volume):
     assert lease_s - 5 < remaining <= lease_s
 
 
-def test_each_annotator_gets_every_slice_of_interest_once_until_enough_annotators(client, tokens, dataset,
-                                                                                 kidney_volume):
-    interest = _expected_interest()
-    assert 0 < len(interest) < 30  # the reference does not cover every slice of example_ct_sm
-    assert get_settings().annotators_per_slice == 3
+def test_every_slice_is_a_candidate_and_reaches_min_views(client, tokens, dataset, kidney_volume):
+    """Organ-free slices of a volume with a reference are handed out like the others, each to min_views annotators."""
+    kidney = _kidney_slices()
+    assert 0 < len(kidney) < 30  # the reference leaves 11 of example_ct_sm's slices organ-free
+    assert get_settings().task_min_views == 3 and dataset["tasks"]["min_views"] == 3
     first = _work_through(client, tokens.headers("annotator"), dataset["id"])
-    assert sorted(k for _, k in first) == interest
+    assert [k for _, k in first] == list(range(30))  # organ-free slices included, in slice order
     second = _work_through(client, tokens.headers("annotator2"), dataset["id"])
-    assert sorted(k for _, k in second) == interest
+    assert sorted(k for _, k in second) == list(range(30))
     third = _work_through(client, _token("carol"), dataset["id"])
-    assert sorted(k for _, k in third) == interest
-    assert _next(client, _token("dave"), dataset["id"]).status_code == 204  # three annotators saw every slice
+    assert sorted(k for _, k in third) == list(range(30))
+    # three annotators saw every slice and agreed ("nothing here" everywhere): nothing is left
+    assert _next(client, _token("dave"), dataset["id"]).status_code == 204
     cov = client.get(f"/api/v1/volumes/{kidney_volume['id']}/coverage", headers=tokens.headers("researcher")).json()
-    assert {s["slice"]: s["seen_by"] for s in cov["slices"]} == dict.fromkeys(interest, 3)
+    assert {s["slice"]: s["seen_by"] for s in cov["slices"]} == dict.fromkeys(range(30), 3)
 
 
 def test_fewest_annotators_first(client, tokens, dataset, kidney_volume):
-    interest = _expected_interest()
     a = tokens.headers("annotator")
-    seen_by_a = interest[: len(interest) - 3]
+    seen_by_a = list(range(27))
     client.post(f"/api/v1/volumes/{kidney_volume['id']}/prompts", json={"seen": seen_by_a}, headers=a)
     b = tokens.headers("annotator2")
     order = _work_through(client, b, dataset["id"])
-    unseen = [k for k in interest if k not in seen_by_a]
-    assert [k for _, k in order[:3]] == unseen  # nobody's slices before once-seen ones
-    assert sorted(k for _, k in order) == interest
+    assert [k for _, k in order[:3]] == [27, 28, 29]  # nobody's slices before once-seen ones
+    assert sorted(k for _, k in order) == list(range(30))
 
 
 def test_leases_spread_annotators_and_are_renewed(client, tokens, dataset, kidney_volume):
@@ -175,12 +176,12 @@ def test_without_reference_every_slice_is_offered(client, tokens):
     assert client.get(f"/api/v1/tasks/next?dataset={ds}").status_code == 401
 
 
-def test_reference_slices_across_volumes(client, tokens, dataset, kidney_volume):
+def test_slices_across_volumes(client, tokens, dataset, kidney_volume):
     other = upload(client, tokens, dataset["id"], CT_DIR / "example_ct_sm.nii.gz", CT_DIR / "example_seg.nii.gz",
                    case_id="second", reference_map=json.dumps(KIDNEY_MAP), reference_other="background")
     assert other.status_code == 201
     order = _work_through(client, tokens.headers("annotator"), dataset["id"])
-    assert len(order) == 2 * len(_expected_interest())
+    assert len(order) == 2 * 30
     assert {v for v, _ in order} == {kidney_volume["id"], other.json()["id"]}
 
 
@@ -208,3 +209,178 @@ def test_a_tasks_only_dataset_takes_prompts_only_on_handed_out_slices(client, to
     assert retry.status_code == 201 and retry.json()["duplicates"] == first.json()["ids"]
     # Researchers are not bound to tasks.
     assert client.post(url, headers=tokens.headers("researcher"), json={"seen": [other]}).status_code == 201
+
+
+# --- disagreement, gold and the reference ---------------------------------------------------------------
+
+
+def _dataset(client, tokens, name: str, **tasks: object) -> int:  # type: ignore[no-untyped-def]
+    r = client.post("/api/v1/datasets", headers=tokens.headers("researcher"), json={
+        "name": name, "labels": {"liver": 5, "spleen": 1, "kidney_right": 2}, "tasks": tasks,
+        "annotators": ["annotator", "annotator2"]})
+    assert r.status_code == 201, r.text
+    return int(r.json()["id"])
+
+
+def _answer(client, headers, volume_id: int, k: int, boxes: list[list[float]], label: str = "liver") -> None:  # type: ignore[no-untyped-def]
+    """An annotator's answer on slice k: these boxes, or "nothing of these organs here" when there are none."""
+    r = client.post(f"/api/v1/volumes/{volume_id}/prompts", headers=headers, json={
+        "boxes": [{"slice": k, "label": label, "box": b} for b in boxes], "seen": [k]})
+    assert r.status_code == 201, r.text
+
+
+def test_task_policy_of_a_dataset(client, tokens):
+    defaults = {"min_views": 3, "max_views": 5, "min_agreement": 0.7, "gold_rate": 0.0}
+    plain = client.post("/api/v1/datasets", headers=tokens.headers("researcher"),
+                        json={"name": "p", "labels": {"liver": 5}}).json()
+    assert plain["tasks"] == defaults
+    ds = _dataset(client, tokens, "own", min_views=2, max_views=4, gold_rate=0.1)
+    url = f"/api/v1/datasets/{ds}"
+    assert client.get(url, headers=tokens.headers("annotator")).json()["tasks"] == {
+        "min_views": 2, "max_views": 4, "min_agreement": 0.7, "gold_rate": 0.1}
+    r = client.patch(url, headers=tokens.headers("researcher"), json={"tasks": {"min_agreement": 0.8,
+                                                                                 "gold_rate": None}})
+    assert r.status_code == 200, r.text
+    assert r.json()["tasks"] == {"min_views": 2, "max_views": 4, "min_agreement": 0.8, "gold_rate": 0.0}
+    assert client.get(url, headers=tokens.headers("researcher")).json()["tasks"] == r.json()["tasks"]
+    bad = client.patch(url, headers=tokens.headers("researcher"), json={"tasks": {"min_views": 6}})
+    assert bad.status_code == 422 and "max_views" in bad.text  # 6 above the dataset's max_views 4
+    assert client.patch(url, headers=tokens.headers("researcher"),
+                        json={"tasks": {"min_views": 3, "max_views": 2}}).status_code == 422
+    assert client.patch(url, headers=tokens.headers("researcher"),
+                        json={"tasks": {"gold_rate": 1.5}}).status_code == 422
+    assert client.patch(url, headers=tokens.headers("annotator"), json={"tasks": {}}).status_code == 403
+    assert client.post("/api/v1/datasets", headers=tokens.headers("researcher"), json={
+        "name": "q", "labels": {"liver": 5}, "tasks": {"min_views": 0}}).status_code == 422
+
+
+def test_disputed_slices_get_extra_views_up_to_max_views(client, tokens):
+    """min_views 2, max_views 4: after two annotators, only the slices they disagree on are served again."""
+    ds = _dataset(client, tokens, "disputes", min_views=2, max_views=4)
+    vid = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", case_id="plain").json()["id"]
+    a, b, c, d, e = (_token(n) for n in ("ann-a", "ann-b", "ann-c", "ann-d", "ann-e"))
+    liver = [20.0, 20.0, 60.0, 70.0]
+    for k in range(30):
+        boxes_a = boxes_b = []  # "nothing of these organs here"
+        if k == 5:  # a sees the liver, b does not: split 1 of 2
+            boxes_a = [liver]
+        elif k in (7, 8):  # both draw nearly the same box: agreement
+            boxes_a, boxes_b = [liver], [[21.0, 19.0, 61.0, 69.0]]
+        elif k == 9:  # both draw a liver, far apart: IoU 0
+            boxes_a, boxes_b = [liver], [[70.0, 10.0, 110.0, 50.0]]
+        _answer(client, a, vid, k, boxes_a)
+        _answer(client, b, vid, k, boxes_b)
+    # c: the two disputed slices, most disputed first (IoU 0 on 9, an even split on 5), nothing else
+    assert _next(client, c, ds).json()["slice"] == 9
+    _answer(client, c, vid, 9, [[40.0, 60.0, 80.0, 100.0]])  # a third liver, elsewhere again
+    assert _next(client, c, ds).json()["slice"] == 5
+    _answer(client, c, vid, 5, [])  # 1 of 3 drew it: agreement 2/3, still below 0.7
+    assert _next(client, c, ds).status_code == 204
+    # d: 5 and 9 are still disputed
+    assert _next(client, d, ds).json()["slice"] == 9  # IoU agreement ~0 < 2/3
+    _answer(client, d, vid, 9, [liver])
+    assert _next(client, d, ds).json()["slice"] == 5
+    _answer(client, d, vid, 5, [])  # 1 of 4: agreement 3/4, settled
+    assert _next(client, d, ds).status_code == 204
+    # e: slice 9 has reached max_views (4) though still disputed; 5 is settled: nothing left
+    assert _next(client, e, ds).status_code == 204
+    cov = client.get(f"/api/v1/volumes/{vid}/coverage", headers=tokens.headers("researcher")).json()
+    views = {s["slice"]: s["seen_by"] for s in cov["slices"]}
+    assert views == {**dict.fromkeys(range(30), 2), 5: 4, 9: 4}
+
+
+def test_a_disputed_slice_is_served_again_before_an_undisputed_one(client, tokens):
+    """min_views 3: every slice needs a third annotator; the one two annotators disagree on comes first."""
+    ds = _dataset(client, tokens, "first")
+    vid = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", case_id="plain").json()["id"]
+    a, b, c = (_token(n) for n in ("ann-a", "ann-b", "ann-c"))
+    for k in range(30):
+        _answer(client, a, vid, k, [[20.0, 20.0, 60.0, 70.0]] if k in (12, 20) else [])
+        _answer(client, b, vid, k, [[20.0, 20.0, 60.0, 70.0]] if k == 20 else [])
+    order = _work_through(client, c, ds)
+    assert [k for _, k in order] == [12] + [k for k in range(30) if k != 12]
+
+
+def test_agreement_follows_deleted_prompts_and_a_new_threshold(client, tokens):
+    ds = _dataset(client, tokens, "changes", min_views=2, max_views=5)
+    vid = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", case_id="plain").json()["id"]
+    a, b, c, d, e = (_token(n) for n in ("ann-a", "ann-b", "ann-c", "ann-d", "ann-e"))
+    for k in range(30):
+        _answer(client, a, vid, k, [[20.0, 20.0, 60.0, 70.0]] if k in (3, 4) else [])
+        _answer(client, b, vid, k, [])
+    assert _next(client, c, ds).json()["slice"] == 3  # 3 and 4 split 1 of 2; c holds 3 now
+    assert _next(client, d, ds).json()["slice"] == 4
+    _answer(client, d, vid, 4, [])  # 1 of 3 drew on 4: agreement 2/3
+    # a takes back the box on 3: nobody drew there, nothing to dispute
+    mine = client.get(f"/api/v1/volumes/{vid}/prompts?slice=3", headers=a).json()["items"]
+    assert client.delete(f"/api/v1/prompts/{mine[0]['id']}", headers=a).status_code == 204
+    assert _next(client, e, ds).json()["slice"] == 4  # not 3, though a lease slot is free there
+    # agreement 2/3 passes a lower threshold: no slice is disputed any more (4 would have a free slot left)
+    r = client.patch(f"/api/v1/datasets/{ds}", headers=tokens.headers("researcher"),
+                     json={"tasks": {"min_agreement": 0.6}})
+    assert r.status_code == 200
+    assert _next(client, _token("ann-f"), ds).status_code == 204
+
+
+def _crowd_order(client, tokens, dataset_id: int, volume_id: int, names: list[str]) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """A scripted crowd taking turns (answers depend only on who and which slice); the (annotator, slice) served."""
+    headers = {n: _token(n) for n in names}
+    served: list[tuple[str, int]] = []
+    done: set[str] = set()
+    while len(done) < len(names):
+        for i, name in enumerate(names):
+            if name in done:
+                continue
+            r = _next(client, headers[name], dataset_id)
+            if r.status_code == 204:
+                done.add(name)
+                continue
+            k = r.json()["slice"]
+            served.append((name, k))
+            boxes = [[10.0 + 9 * i, 10.0, 50.0 + 9 * i, 60.0]] if (k + i) % 4 == 0 else []
+            _answer(client, headers[name], volume_id, k, boxes)
+    return served
+
+
+def test_the_order_of_tasks_does_not_depend_on_the_reference(client, tokens):
+    """gold_rate 0: the same crowd answering the same way is served the same slices in the same order, whether
+    the volume has a kidney-only reference, a five-organ reference or none."""
+    orders = []
+    for case, reference in (("kidney", KIDNEY_MAP), ("abdomen", {"1": "spleen", "2": "kidney_right", "5": "liver"}),
+                            ("none", None)):
+        ds = _dataset(client, tokens, f"leak-{case}", min_views=2, max_views=3)
+        if reference is None:
+            r = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", case_id=case)
+        else:
+            r = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", CT_DIR / "example_seg.nii.gz",
+                       case_id=case, reference_map=json.dumps(reference), reference_other="background")
+        assert r.status_code == 201, r.text
+        assert (r.json()["has_reference"]) == (reference is not None)
+        orders.append(_crowd_order(client, tokens, ds, r.json()["id"], [f"{case}-{i}" for i in range(4)]))
+    plain = [[(name.split("-")[1], k) for name, k in order] for order in orders]
+    assert plain[0] == plain[1] == plain[2]
+    assert len(plain[0]) > 2 * 30  # every slice twice, plus extra views where the scripted crowd disagreed
+    assert {k for _, k in plain[0]} == set(range(30))
+
+
+def test_gold_slices_are_mixed_in_at_the_gold_rate_and_look_like_any_task(client, tokens):
+    ds = _dataset(client, tokens, "gold", min_views=10, max_views=10, gold_rate=0.3)
+    gold = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", CT_DIR / "example_seg.nii.gz",
+                  case_id="gold", reference_map=json.dumps(KIDNEY_MAP), reference_other="background").json()
+    work = upload(client, tokens, ds, CT_DIR / "example_ct_sm.nii.gz", case_id="work").json()
+    assert gold["id"] < work["id"]  # ordinary tasks still go to the volume without a reference first
+    served = []
+    for n in range(6):
+        headers = _token(f"g{n}")
+        for _ in range(20):
+            task = _next(client, headers, ds).json()
+            served.append(task)
+            _answer(client, headers, task["volume_id"], task["slice"], [])
+    on_gold = [t for t in served if t["volume_id"] == gold["id"]]
+    assert 0.2 < len(on_gold) / len(served) < 0.4  # 120 tasks at a rate of 0.3
+    assert {tuple(sorted(t)) for t in served} == {tuple(sorted(served[0]))}  # one shape: gold is not revealed
+    assert len({t["slice"] for t in on_gold}) > 10  # drawn at random over the gold volume, organ-free slices too
+    assert {t["slice"] for t in on_gold} - set(_kidney_slices())
+    # without gold, the volume with the reference is ordinary work, in volume order
+    client.patch(f"/api/v1/datasets/{ds}", headers=tokens.headers("researcher"), json={"tasks": {"gold_rate": 0}})
+    assert _next(client, _token("g-late"), ds).json()["volume_id"] == gold["id"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,7 +67,17 @@ class Settings(BaseSettings):
                                  description="a running job whose worker is silent this long is handed back "
                                              "(workers beat every sixth of it)")
     task_lease_s: int = Field(default=120, alias="CROWDSAM_TASK_LEASE_S")
-    annotators_per_slice: int = Field(default=3, alias="CROWDSAM_ANNOTATORS_PER_SLICE")
+    # Task assignment defaults; a dataset may set its own (``tasks`` of POST/PATCH /datasets).
+    task_min_views: int = Field(
+        default=3, ge=1, le=50,
+        validation_alias=AliasChoices("CROWDSAM_TASK_MIN_VIEWS", "CROWDSAM_ANNOTATORS_PER_SLICE"),
+        description="annotators who must see every slice (CROWDSAM_ANNOTATORS_PER_SLICE is the former name)")
+    task_max_views: int = Field(default=5, ge=1, le=50, alias="CROWDSAM_TASK_MAX_VIEWS",
+                                description="views a slice whose annotators disagree may get (at least min views)")
+    task_min_agreement: float = Field(default=0.7, ge=0.0, le=1.0, alias="CROWDSAM_TASK_MIN_AGREEMENT",
+                                      description="a slice's crowd agreement below this gets extra views")
+    task_gold_rate: float = Field(default=0.0, ge=0.0, le=1.0, alias="CROWDSAM_TASK_GOLD_RATE",
+                                  description="share of tasks drawn from slices with a reference (calibration)")
 
     # Concurrency of one API process (see app.core.admission and DESIGN "Concurrency").
     web_workers: int = Field(default=1, ge=1, alias="CROWDSAM_WEB_WORKERS",

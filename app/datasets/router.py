@@ -11,7 +11,7 @@ from app.core.responses import Id, errors
 from app.datasets import service
 from app.datasets.access import member_dataset_ids
 from app.datasets.repository import DatasetRepository
-from app.datasets.schemas import DatasetCreate, DatasetOut, MemberOut
+from app.datasets.schemas import DatasetCreate, DatasetOut, DatasetUpdate, MemberOut
 
 router = APIRouter(tags=["datasets"])
 
@@ -40,6 +40,13 @@ def list_datasets(session: SessionDep, principal: Anyone, page: PageDep) -> list
 def get_dataset(dataset_id: Id, session: SessionDep, _: Anyone) -> DatasetOut:
     """One dataset."""
     return DatasetOut.model_validate(DatasetRepository(session).get(dataset_id))
+
+
+@router.patch("/datasets/{dataset_id}", response_model=DatasetOut, responses=errors(400, 403, 404, 422))
+def update_dataset(dataset_id: Id, body: DatasetUpdate, session: SessionDep, _: Staff) -> DatasetOut:
+    """Change a dataset's task policy (`tasks`: min/max views per slice, agreement threshold, gold rate)."""
+    dataset = service.update_dataset(session, DatasetRepository(session).get(dataset_id), body)
+    return DatasetOut.model_validate(dataset)
 
 
 @router.get("/datasets/{dataset_id}/members", response_model=list[MemberOut], responses=errors(403, 404, 422))

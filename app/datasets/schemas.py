@@ -13,6 +13,41 @@ class Window(BaseModel):
     width: float = Field(default=400.0, gt=0, le=10000)
 
 
+class TaskPolicyIn(BaseModel):
+    """How GET /tasks/next hands out a dataset's slices; an omitted field keeps its value, null = the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_views: int | None = Field(default=None, ge=1, le=50, description="annotators who must see every slice "
+                                                                           "(default CROWDSAM_TASK_MIN_VIEWS, 3)")
+    max_views: int | None = Field(default=None, ge=1, le=50,
+                                  description="views a disputed slice may get (default CROWDSAM_TASK_MAX_VIEWS, 5; "
+                                              "never below min_views)")
+    min_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="slices whose crowd agreement (majority share of 'drew this organ' "
+                                                  "vs 'did not', and mean pairwise box IoU) is below this are disputed "
+                                                  "(default CROWDSAM_TASK_MIN_AGREEMENT, 0.7)")
+    gold_rate: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="share of tasks drawn at random from slices of volumes with a "
+                                                  "reference, to calibrate annotators (default "
+                                                  "CROWDSAM_TASK_GOLD_RATE, 0)")
+
+    @model_validator(mode="after")
+    def _views(self) -> TaskPolicyIn:
+        if self.min_views is not None and self.max_views is not None and self.max_views < self.min_views:
+            raise ValueError(f"max_views ({self.max_views}) must be at least min_views ({self.min_views})")
+        return self
+
+
+class TaskPolicy(BaseModel):
+    """The task policy in force (the dataset's values, else the service's defaults)."""
+
+    min_views: int
+    max_views: int
+    min_agreement: float
+    gold_rate: float
+
+
 class DatasetCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     labels: dict[str, int] = Field(description="label name → positive integer value, e.g. {'spleen': 1}")
@@ -26,6 +61,7 @@ class DatasetCreate(BaseModel):
     annotators: list[str] = Field(
         default_factory=list, max_length=1000,
         description="names of annotator tokens that may label this dataset (more: PUT .../members/{name})")
+    tasks: TaskPolicyIn = Field(default_factory=TaskPolicyIn, description="task assignment (GET /tasks/next)")
 
     @field_validator("labels")
     @classmethod
@@ -64,7 +100,14 @@ class DatasetOut(BaseModel):
     prompt_classes: dict[str, str] | None
     window: Window
     tasks_only: bool
+    tasks: TaskPolicy
     created_at: datetime
+
+
+class DatasetUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: TaskPolicyIn | None = Field(default=None, description="task assignment: given fields change")
 
 
 class MemberOut(BaseModel):

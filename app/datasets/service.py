@@ -11,7 +11,7 @@ from app.core.errors import Conflict, Invalid, NotFound
 from app.datasets.access import add_member, forget_memberships
 from app.datasets.models import Dataset, DatasetMember, MemberRole
 from app.datasets.repository import DatasetRepository
-from app.datasets.schemas import DatasetCreate, MemberOut
+from app.datasets.schemas import DatasetCreate, DatasetUpdate, MemberOut, TaskPolicyIn
 
 
 def create_dataset(session: Session, body: DatasetCreate, creator: Principal) -> Dataset:
@@ -28,6 +28,7 @@ def create_dataset(session: Session, body: DatasetCreate, creator: Principal) ->
         window_width=body.window.width,
         tasks_only=body.tasks_only,
     )
+    set_task_policy(dataset, body.tasks)
     try:
         with session.begin_nested():  # a concurrent request may take the name between check and insert
             repo.add(dataset)
@@ -36,6 +37,23 @@ def create_dataset(session: Session, body: DatasetCreate, creator: Principal) ->
     creator_token = session.get(ApiToken, creator.token_id)
     for token in ([creator_token] if creator.role is Role.researcher and creator_token else []) + annotators:
         add_member(session, dataset, token)
+    return dataset
+
+
+def set_task_policy(dataset: Dataset, policy: TaskPolicyIn) -> None:
+    """Apply the fields given in ``policy`` (null = back to the service's default); 422 if max < min views."""
+    for name in policy.model_fields_set:
+        setattr(dataset, f"task_{name}", getattr(policy, name))
+    mine_min, mine_max = dataset.task_min_views, dataset.task_max_views
+    if mine_min is not None and mine_max is not None and mine_max < mine_min:
+        raise Invalid(f"tasks.max_views ({mine_max}) must be at least tasks.min_views ({mine_min})")
+
+
+def update_dataset(session: Session, dataset: Dataset, body: DatasetUpdate) -> Dataset:
+    """Change a dataset's settings (today: its task policy)."""
+    if body.tasks is not None:
+        set_task_policy(dataset, body.tasks)
+    session.flush()
     return dataset
 
 

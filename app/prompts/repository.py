@@ -37,6 +37,51 @@ _INSERT_VIEWS = text(
     "AS v(k, a) ON CONFLICT ON CONSTRAINT uq_slice_views_volume_slice_annotator DO NOTHING"
 )
 
+# Per (volume, slice, label) of some slices: the slice's viewers, how many of them marked the label (a box or
+# a positive point) and the mean pairwise IoU of their boxes, each annotator's boxes of the label taken as one
+# (their bounding box). Prompts only, no SAM. ``wanted`` is either the given slices or every slice of a dataset
+# seen by two or more annotators (then in the statement's own snapshot).
+_WANTED_GIVEN = (
+    "wanted AS (SELECT * FROM unnest(CAST(:volume_id AS integer[]), CAST(:slice_index AS integer[])) "
+    "  AS w(volume_id, slice_index)), "
+    "viewers AS (SELECT sv.volume_id, sv.slice_index, count(*) AS n FROM slice_views sv "
+    "  JOIN wanted w ON w.volume_id = sv.volume_id AND w.slice_index = sv.slice_index "
+    "  GROUP BY sv.volume_id, sv.slice_index), "
+)
+_WANTED_DATASET = (
+    "viewers AS (SELECT sv.volume_id, sv.slice_index, count(*) AS n FROM slice_views sv "
+    "  JOIN volumes v ON v.id = sv.volume_id WHERE v.dataset_id = :dataset_id "
+    "  GROUP BY sv.volume_id, sv.slice_index HAVING count(*) >= 2), "
+)
+_VOTES = (
+    "drawn AS (SELECT p.volume_id, p.slice_index, p.label, p.annotator, "
+    "  min(p.x0) FILTER (WHERE p.kind = 'box') AS x0, min(p.y0) FILTER (WHERE p.kind = 'box') AS y0, "
+    "  max(p.x1) FILTER (WHERE p.kind = 'box') AS x1, max(p.y1) FILTER (WHERE p.kind = 'box') AS y1 "
+    "  FROM prompts p JOIN viewers w ON w.volume_id = p.volume_id AND w.slice_index = p.slice_index "
+    "  WHERE p.kind = 'box' OR p.positive GROUP BY p.volume_id, p.slice_index, p.label, p.annotator), "
+    "pairs AS (SELECT a.volume_id, a.slice_index, a.label, avg("
+    "  greatest(0, least(a.x1, b.x1) - greatest(a.x0, b.x0)) * greatest(0, least(a.y1, b.y1) - greatest(a.y0, b.y0)) "
+    "  / nullif((a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - greatest(0, least(a.x1, b.x1) "
+    "  - greatest(a.x0, b.x0)) * greatest(0, least(a.y1, b.y1) - greatest(a.y0, b.y0)), 0)) AS iou "
+    "  FROM drawn a JOIN drawn b ON a.volume_id = b.volume_id AND a.slice_index = b.slice_index "
+    "  AND a.label = b.label AND a.annotator COLLATE \"C\" < b.annotator COLLATE \"C\" "
+    "  WHERE a.x0 IS NOT NULL AND b.x0 IS NOT NULL GROUP BY a.volume_id, a.slice_index, a.label) "
+    "SELECT w.volume_id, w.slice_index, w.n, d.label, count(*) AS drew, min(q.iou) AS iou FROM drawn d "
+    "JOIN viewers w ON w.volume_id = d.volume_id AND w.slice_index = d.slice_index "
+    "LEFT JOIN pairs q ON q.volume_id = d.volume_id AND q.slice_index = d.slice_index AND q.label = d.label "
+    "GROUP BY w.volume_id, w.slice_index, w.n, d.label"
+)
+_SLICE_VOTES = text("WITH " + _WANTED_GIVEN + _VOTES)
+_DATASET_VOTES = text("WITH " + _WANTED_DATASET + _VOTES)
+
+
+@dataclass(frozen=True)
+class LabelVotes:
+    """What the annotators of one slice said about one label."""
+
+    drew: int  # annotators with a box or a positive point for it
+    iou: float | None  # mean pairwise IoU of their boxes (None: fewer than two drew a box)
+
 
 @dataclass(frozen=True)
 class PromptFilter:
@@ -195,6 +240,22 @@ class PromptRepository(Repository[Prompt]):
             .where(Volume.dataset_id == dataset_id, SliceView.annotator == annotator)
         )
         return {(v, k) for v, k in rows}
+
+    def slice_votes(self, slices: Sequence[tuple[int, int]] | None = None, dataset_id: int | None = None,
+                    ) -> dict[tuple[int, int], tuple[int, dict[str, LabelVotes]]]:
+        """(volume, slice) → (annotators who saw it, label → :class:`LabelVotes`) for the given slices, or for
+        every slice of ``dataset_id`` seen by two or more; slices where nobody marked anything are left out."""
+        out: dict[tuple[int, int], tuple[int, dict[str, LabelVotes]]] = {}
+        if slices is not None:
+            if not slices:
+                return out
+            rows = self.session.execute(_SLICE_VOTES, {
+                "volume_id": [v for v, _ in slices], "slice_index": [k for _, k in slices]})
+        else:
+            rows = self.session.execute(_DATASET_VOTES, {"dataset_id": dataset_id})
+        for v, k, n, label, drew, iou in rows:
+            out.setdefault((v, k), (int(n), {}))[1][label] = LabelVotes(int(drew), None if iou is None else float(iou))
+        return out
 
     def client_ids(self, volume_id: int, annotators: Sequence[str]) -> set[uuid.UUID]:
         """Client ids of these annotators' prompts on a volume."""

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Shapes only: ranges, arity and finiteness are checked by the service so that every problem
 # is reported with its item index in one 422 (all-or-nothing).
@@ -83,11 +83,33 @@ class SimulateRequest(BaseModel):
     labels: list[str] | None = Field(default=None, description="labels to prompt; default all in the reference")
     per_component: bool = Field(default=True, description="one box per connected 2D part (else one per organ)")
     min_component_pixels: int = Field(default=10, ge=1, le=1_000_000)
+    organ_free_slices: bool = Field(
+        default=False, description="annotators also see (with probability `coverage`) every slice holding none of "
+                                   "the labels and answer nothing there (or a false positive); their views are stored")
+    false_positive_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="probability, per seen slice and label absent from it, of a "
+                                                 "false-positive box (the organ's box on the nearest slice holding it)")
+    careless: int = Field(default=0, ge=0, le=50, description="how many of the annotators (the last ones) are careless")
+    careless_jitter: float = Field(default=0.2, ge=0.0, le=1.0, description="jitter of careless annotators")
+    careless_miss_rate: float = Field(default=0.3, ge=0.0, le=1.0, description="miss rate of careless annotators")
+    careless_false_positive_rate: float = Field(default=0.1, ge=0.0, le=1.0,
+                                                description="false-positive rate of careless annotators")
+    skill_spread: float = Field(
+        default=0.0, ge=0.0, le=2.0, description="per-annotator skill: each annotator's jitter, miss and false-"
+                                                 "positive rates are multiplied by exp(skill_spread · N(0, 1))")
+
+    @model_validator(mode="after")
+    def _careless(self) -> SimulateRequest:
+        if self.careless > self.annotators:
+            raise ValueError(f"careless ({self.careless}) cannot exceed annotators ({self.annotators})")
+        return self
 
 
 class SimulateResult(BaseModel):
     annotators: list[str]
+    careless: list[str] = Field(description="the careless annotators among `annotators`")
     boxes: int
+    false_positives: int = Field(description="boxes drawn for a label the slice does not hold")
     stored: int
     duplicates: int
     seen_slices: int

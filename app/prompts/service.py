@@ -26,7 +26,7 @@ from app.prompts.schemas import (
     PromptPage,
 )
 from app.prompts.validation import Problems, check_box, check_point, check_slice
-from app.tasks import leases
+from app.tasks import agreement, leases
 from app.volumes.models import Volume
 
 SOURCES = ("api", "yolo-import", "simulated")
@@ -139,8 +139,11 @@ def store_boxes(session: Session, volume: Volume, boxes: list[BoxRow], seen: Ite
 
 
 def record_views(session: Session, volume: Volume, views: Iterable[tuple[int, str]], source: str) -> None:
+    """Mark (slice, annotator) views, free the annotators' leases there and queue the slices' crowd agreement
+    for recomputing (task assignment gives disputed slices extra views)."""
     views = set(views)
     PromptRepository(session).mark_seen(volume.id, views, source)
+    agreement.touched(session, volume.dataset_id, volume.id, (k for k, _ in views))
     by_annotator: dict[str, list[int]] = {}
     for k, annotator in views:
         by_annotator.setdefault(annotator, []).append(k)
@@ -176,6 +179,9 @@ def delete_prompt(session: Session, prompt_id: int, who: Principal) -> None:
     prompt = repo.get(prompt_id)
     if who.is_annotator and prompt.annotator != who.name:
         raise Forbidden(f"prompt {prompt_id} belongs to another annotator")
+    volume = session.get(Volume, prompt.volume_id)
+    if volume is not None:
+        agreement.touched(session, volume.dataset_id, volume.id, [prompt.slice_index])
     repo.delete(prompt)
 
 

@@ -5,14 +5,30 @@ Boxes are drawn per display slice and organ, **one box per connected 2D componen
 ``bbox.py`` did and as DESIGN.md section 6 recommends; ``per_component=False`` draws one box
 around all of the organ's (kept) pixels on the slice. Each annotator independently:
 
-- sees each slice that holds any requested organ with probability ``coverage``;
+- sees each slice that holds any requested organ with probability ``coverage`` (with
+  ``organ_free_slices``, every other slice of the volume too — slices with none of the organs,
+  where a careful annotator answers "nothing here": a seen slice without boxes);
 - on a seen slice, misses each organ with probability ``miss_rate``;
 - perturbs every box edge by Gaussian noise with sd ``jitter`` × box width (x edges) or
-  × box height (y edges), then clips to the image (a box never collapses below 1 pixel).
+  × box height (y edges), then clips to the image (a box never collapses below 1 pixel);
+- on a seen slice, draws a false-positive box for each requested organ that is *not* on the slice
+  (not one voxel of it) with probability ``false_positive_rate``: the organ's box on the nearest slice that has it (the
+  organ "continued" past its end), jittered like any box, or a random box when the organ is nowhere
+  in the volume. False positives are only ever drawn for organs absent from the slice.
+
+Skill differs between annotators: with ``skill_spread`` > 0 annotator ``i`` has a factor
+``f = exp(skill_spread · z)``, z ~ N(0, 1), that multiplies its jitter, miss and false-positive rates
+(rates capped at 1). The last ``careless`` annotators of the crowd are careless: they use
+``careless_jitter``, ``careless_miss_rate`` and ``careless_false_positive_rate`` (times their ``f``)
+instead of the careful values.
 
 Annotator ``i`` draws from ``numpy.random.default_rng([seed, i])``: the same seed gives the
-same crowd, and adding annotators leaves the earlier ones unchanged. Coordinates are display
-pixels (``app.imaging.coords``), so the SAM engine, the API and the demo share them.
+same crowd, and adding annotators leaves the earlier ones unchanged. Organ-free slices and false
+positives draw from a second stream ``default_rng([seed, i, 1])`` and the skill factor from a third,
+``default_rng([seed, i, 2])``, so with those options off a crowd is exactly what it was before they
+existed, and turning them on leaves each annotator's boxes on organ slices as they were (for the same
+jitter and miss rate). Coordinates are display pixels (``app.imaging.coords``), so the SAM engine, the
+API and the demo share them.
 """
 
 from __future__ import annotations
@@ -37,12 +53,19 @@ class SimulatedBox:
     label: str
     box: Box  # display pixels
     part: int  # component index of this organ on this slice (0 when per_component=False)
+    false_positive: bool = False  # drawn for an organ the slice does not hold
 
 
 @dataclass
 class Simulation:
     boxes: list[SimulatedBox] = field(default_factory=list)
     seen: dict[int, list[int]] = field(default_factory=dict)  # annotator index → slices seen
+    skills: list[Skill] = field(default_factory=list)  # annotator index → its error rates
+
+    @property
+    def careless(self) -> list[int]:
+        """Indices of the careless annotators."""
+        return [i for i, s in enumerate(self.skills) if s.careless]
 
 
 def organ_boxes(
@@ -111,6 +134,59 @@ def _ordered_span(a: float, b: float, limit: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+@dataclass(frozen=True)
+class Skill:
+    """One simulated annotator's error rates."""
+
+    jitter: float
+    miss_rate: float
+    false_positive_rate: float
+    careless: bool = False
+
+
+def annotator_skills(
+    annotators: int,
+    *,
+    jitter: float,
+    miss_rate: float,
+    false_positive_rate: float = 0.0,
+    careless: int = 0,
+    careless_jitter: float = 0.2,
+    careless_miss_rate: float = 0.3,
+    careless_false_positive_rate: float = 0.1,
+    skill_spread: float = 0.0,
+    seed: int = 0,
+) -> list[Skill]:
+    """Every annotator's :class:`Skill`: the last ``careless`` ones careless, each scaled by its skill factor."""
+    if not 0 <= careless <= annotators:
+        raise ValueError(f"careless ({careless}) must be between 0 and annotators ({annotators})")
+    skills = []
+    for i in range(annotators):
+        factor = float(np.exp(skill_spread * np.random.default_rng([seed, i, 2]).normal())) if skill_spread > 0 else 1.0
+        is_careless = i >= annotators - careless
+        base = ((careless_jitter, careless_miss_rate, careless_false_positive_rate) if is_careless
+                else (jitter, miss_rate, false_positive_rate))
+        skills.append(Skill(jitter=base[0] * factor, miss_rate=min(base[1] * factor, 1.0),
+                            false_positive_rate=min(base[2] * factor, 1.0), careless=is_careless))
+    return skills
+
+
+def false_positive_box(
+    truth: Mapping[int, Mapping[str, list[Box]]], label: str, k: int, rng: np.random.Generator, width: int, height: int
+) -> Box:
+    """Where an annotator wrongly boxes ``label`` on slice ``k`` (which does not hold it): the union of the
+    organ's boxes on the nearest slice that has it (lower slice on a tie), else a random box of 5-25 % of
+    the image's width and height."""
+    holding = [j for j in truth if label in truth[j]]
+    if holding:
+        nearest = min(holding, key=lambda j: (abs(j - k), j))
+        boxes = truth[nearest][label]
+        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+    w, h = rng.uniform(0.05, 0.25) * width, rng.uniform(0.05, 0.25) * height
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    return (float(x0), float(y0), float(x0 + w), float(y0 + h))
+
+
 def simulate_crowd(
     canonical_labels: npt.NDArray[np.integer[Any]],
     label_values: Mapping[str, int],
@@ -122,24 +198,53 @@ def simulate_crowd(
     seed: int = 0,
     per_component: bool = True,
     min_component_pixels: int = 10,
+    organ_free_slices: bool = False,
+    false_positive_rate: float = 0.0,
+    careless: int = 0,
+    careless_jitter: float = 0.2,
+    careless_miss_rate: float = 0.3,
+    careless_false_positive_rate: float = 0.1,
+    skill_spread: float = 0.0,
 ) -> Simulation:
     """Simulated crowd boxes for ``label_values`` (name → value in ``canonical_labels``)."""
     height, width = canonical_labels.shape[1], canonical_labels.shape[0]
     truth = reference_boxes(canonical_labels, label_values, per_component=per_component,
                             min_component_pixels=min_component_pixels)
-    sim = Simulation()
-    for i in range(annotators):
+    skills = annotator_skills(
+        annotators, jitter=jitter, miss_rate=miss_rate, false_positive_rate=false_positive_rate, careless=careless,
+        careless_jitter=careless_jitter, careless_miss_rate=careless_miss_rate,
+        careless_false_positive_rate=careless_false_positive_rate, skill_spread=skill_spread, seed=seed)
+    slices = range(canonical_labels.shape[2]) if organ_free_slices else sorted(truth)
+    labels = sorted(label_values)
+    absent: dict[str, set[int]] = {}  # label → slices without a single voxel of it (false positives go there)
+    if any(s.false_positive_rate > 0 for s in skills):
+        for label in labels:
+            holds = (canonical_labels == label_values[label]).any(axis=(0, 1))
+            absent[label] = {int(k) for k in np.flatnonzero(~holds)}
+    sim = Simulation(skills=skills)
+    for i, skill in enumerate(skills):
         rng = np.random.default_rng([seed, i])
+        extra = np.random.default_rng([seed, i, 1])  # organ-free slices and false positives only
         seen: list[int] = []
-        for k in sorted(truth):
-            if rng.random() >= coverage:
+        for k in slices:
+            present = truth.get(k, {})
+            looks = (rng if present else extra).random() < coverage
+            if not looks:
                 continue
             seen.append(k)
-            for label in sorted(truth[k]):
-                if rng.random() < miss_rate:
+            for label in sorted(present):
+                if rng.random() < skill.miss_rate:
                     continue
-                for part, box in enumerate(truth[k][label]):
-                    drawn = jitter_box(box, jitter, rng, width, height) if jitter > 0 else box
+                for part, box in enumerate(present[label]):
+                    drawn = jitter_box(box, skill.jitter, rng, width, height) if skill.jitter > 0 else box
                     sim.boxes.append(SimulatedBox(i, k, label, drawn, part))
+            if skill.false_positive_rate <= 0:
+                continue
+            for label in labels:
+                if k not in absent[label] or extra.random() >= skill.false_positive_rate:
+                    continue
+                box = false_positive_box(truth, label, k, extra, width, height)
+                drawn = jitter_box(box, skill.jitter, extra, width, height) if skill.jitter > 0 else box
+                sim.boxes.append(SimulatedBox(i, k, label, drawn, 0, false_positive=True))
         sim.seen[i] = seen
     return sim

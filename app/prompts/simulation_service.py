@@ -19,10 +19,21 @@ from app.prompts.simulate import simulate_crowd
 from app.volumes.models import Volume
 
 CLIENT_ID_NAMESPACE = uuid.UUID("0b6f0f43-8a0e-4d0b-9f0e-3c51a8f1d2a7")
+ORIGINAL_FIELDS = {"annotators", "jitter", "coverage", "miss_rate", "seed", "labels", "per_component",
+                   "min_component_pixels"}
 
 
 def annotator_name(seed: int, index: int) -> str:
     return f"sim-{seed}-{index}"
+
+
+def client_id_params(req: SimulateRequest) -> str:
+    """The request's parameters as they enter its client ids (every field but ``annotators``, so a larger
+    crowd with the same seed repeats the smaller one's prompts). Options added later are left out while
+    they have their defaults, so a request keeps the client ids it had before they existed."""
+    later = set(SimulateRequest.model_fields) - ORIGINAL_FIELDS
+    at_default = {name for name in later if getattr(req, name) == SimulateRequest.model_fields[name].default}
+    return req.model_dump_json(exclude={"annotators"} | at_default)
 
 
 def simulate_for_volume(session: Session, storage: Storage, volume: Volume, dataset: Dataset,
@@ -46,8 +57,11 @@ def simulate_for_volume(session: Session, storage: Storage, volume: Volume, data
         reference, {name: dataset.labels[name] for name in labels}, annotators=req.annotators,
         jitter=req.jitter, coverage=req.coverage, miss_rate=req.miss_rate, seed=req.seed,
         per_component=req.per_component, min_component_pixels=req.min_component_pixels,
+        organ_free_slices=req.organ_free_slices, false_positive_rate=req.false_positive_rate,
+        careless=req.careless, careless_jitter=req.careless_jitter, careless_miss_rate=req.careless_miss_rate,
+        careless_false_positive_rate=req.careless_false_positive_rate, skill_spread=req.skill_spread,
     )
-    params = req.model_dump_json(exclude={"annotators"})
+    params = client_id_params(req)
     names = [annotator_name(req.seed, i) for i in range(req.annotators)]
     rows = [
         BoxRow(names[b.annotator], b.k, b.label, b.box,
@@ -62,7 +76,8 @@ def simulate_for_volume(session: Session, storage: Storage, volume: Volume, data
     seen = {(k, names[i]) for i, slices in sim.seen.items() for k in slices}
     outcome = store_boxes(session, volume, rows, seen, "simulated", who.token_id)
     return SimulateResult(
-        annotators=names, boxes=len(rows), stored=len(outcome.ids) - len(outcome.duplicates),
+        annotators=names, careless=[names[i] for i in sim.careless], boxes=len(rows),
+        false_positives=sum(b.false_positive for b in sim.boxes), stored=len(outcome.ids) - len(outcome.duplicates),
         duplicates=len(outcome.duplicates), seen_slices=len(seen),
         per_label=dict(sorted(Counter(r.label for r in rows).items())),
         per_annotator={name: sum(1 for r in rows if r.annotator == name) for name in names},

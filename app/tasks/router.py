@@ -5,7 +5,6 @@ from fastapi import APIRouter, Response, status
 from app.auth.security import Anyone
 from app.core.db import SessionDep
 from app.core.responses import DatasetQuery, errors
-from app.core.storage import get_storage
 from app.tasks import service
 from app.tasks.schemas import TaskOut
 
@@ -21,7 +20,7 @@ def next_task(
     session: SessionDep, who: Anyone, dataset: DatasetQuery
 ) -> TaskOut | Response:
     """The slice the caller should label next, leased to them for a short time; 204 when none is left."""
-    task = service.next_task(session, get_storage(), dataset, who)
+    task = service.next_task(session, dataset, who)
     if task is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return task

@@ -1,77 +1,154 @@
 """Task assignment: the slice an annotator should label next.
 
-Candidates are slices with anatomy of interest (from the reference when present, else every
-slice) that this annotator has not seen and that fewer than ``annotators_per_slice`` distinct
-annotators have seen. They are ranked by annotators who saw them plus others currently holding
-a lease (fewest first), then by volume and slice; the first one with a free lease slot is
-leased to the caller for ``task_lease_s``. A caller who already holds a live lease on a slice
-still to be done gets that slice again (lease renewed), so retries and reloads do not fan out.
+Candidates are **every slice of every volume** of the dataset — never chosen from a reference, so
+organ-free slices are seen (a "nothing here" answer makes them known background) and the crowd's
+design does not depend on what the reference holds. A slice needs ``min_views`` annotators; a
+*disputed* slice — its crowd agreement (:mod:`app.tasks.agreement`: majority share of "drew the
+organ" vs "saw the slice and did not", and pairwise box IoU; prompts only, no SAM) below
+``min_agreement`` — needs up to ``max_views``.
+
+Candidates this annotator has not seen are ranked by annotators who saw them plus others currently
+holding a lease (fewest first), then by agreement (most disputed first), then by volume and slice.
+Since undisputed slices stop at ``min_views``, every slice reaches ``min_views`` before any gets an
+extra view, and disputed slices get theirs before undisputed ones at the same count. The first
+candidate with a free lease slot is leased to the caller for ``task_lease_s``. A caller who holds a
+live lease on a slice they have not answered gets that slice again (lease renewed), so retries and
+reloads do not fan out.
+
+Gold: with ``gold_rate`` > 0, a share of tasks (decided per annotator and task number by a hash, so a
+reload decides the same) is drawn uniformly from unseen slices of volumes with a reference, whatever
+their view counts; the answer looks like any other task. With gold on, ordinary tasks go to volumes
+with a reference only once every slice of the others is done. With ``gold_rate`` = 0 nothing here looks
+at references.
+
+Cost per call: a grouped count of the dataset's slice views, the annotator's views and one Redis read.
+The first ``FAST_PATH_SLICES`` unseen, unleased slices are tried before anything else is ranked;
+agreement is read (and the slices changed since the last read recomputed) only when those are taken.
 """
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from app.auth.security import Principal
 from app.core.config import get_settings
-from app.core.storage import Storage
+from app.core.hashing import sha256_text
 from app.datasets.repository import DatasetRepository
 from app.imaging.palette import label_colors
-from app.prompts.reference import interest_slices
 from app.prompts.repository import PromptRepository
 from app.prompts.service import display_size
-from app.tasks import leases
+from app.tasks import agreement, leases
 from app.tasks.schemas import TaskOut
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
 
 FAST_PATH_SLICES = 16  # free slices tried before the whole dataset is ranked
+GOLD_TRIES = 8  # random gold slices tried (a lease may be full) before falling back to ordinary tasks
+
+# (tier, rank, agreement - 1, volume order, slice, volume id, lease capacity): sorted, best first
+Candidate = tuple[int, int, float, int, int, int, int]
 
 
-def next_task(session: Session, storage: Storage, dataset_id: int, who: Principal) -> TaskOut | None:
+def gold_draw(dataset_id: int, annotator: str, done: int) -> float:
+    """A uniform number in [0, 1) fixed by (dataset, annotator, task number): the gold coin of one task."""
+    return int(sha256_text(f"gold:{dataset_id}:{annotator}:{done}")[:16], 16) / 16**16
+
+
+def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | None:
     settings = get_settings()
-    target = settings.annotators_per_slice
     dataset = DatasetRepository(session).get(dataset_id)
-    volumes = {v.id: v for v in VolumeRepository(session).list_for_dataset(dataset_id)}
+    policy = dataset.tasks
+    min_views, max_views = int(policy["min_views"]), int(policy["max_views"])
+    gold_rate, min_agreement = float(policy["gold_rate"]), float(policy["min_agreement"])
+    volumes = list(VolumeRepository(session).list_for_dataset(dataset_id))
+    # With gold on, volumes with a reference are the gold: ordinary tasks go there only once every other
+    # slice is done (tier 1). With gold off every volume is ordinary work (tier 0) and no reference is read.
+    tier = {v.id: int(gold_rate > 0 and v.reference_key is not None) for v in volumes}
+    volumes.sort(key=lambda v: (tier[v.id], v.id))
+    by_id = {v.id: v for v in volumes}
     prompts = PromptRepository(session)
     counts = prompts.dataset_view_counts(dataset_id)
     mine = prompts.dataset_seen_by(dataset_id, who.name)
     active = leases.active(dataset_id)
     others = leases.busy(active, exclude=who.name)
-    held = {(lease.volume_id, lease.slice) for lease in active if lease.annotator == who.name}
 
-    def ranked(first_only: int | None) -> list[tuple[int, int, int, int]]:
-        """(rank, volume, slice, annotators seen), best first; with ``first_only``, stop after that many
-        rank-0 slices (held slices rank -1 come first either way): they head the full ranking too."""
-        candidates = [(-1, v, k, counts.get((v, k), 0)) for v, k in sorted(held)
-                      if v in volumes and (v, k) not in mine and counts.get((v, k), 0) < target]
-        fresh = 0
-        for volume in volumes.values():
-            for k in interest_slices(storage, volume):
-                key = (volume.id, k)
-                seen = counts.get(key, 0)
-                if key in mine or key in held or seen >= target:
-                    continue
-                rank = seen + others[key]
-                candidates.append((rank, volume.id, k, seen))
-                fresh += rank == 0
-                if first_only is not None and fresh >= first_only:
-                    return sorted(c for c in candidates if c[0] <= 0)
-        candidates.sort()
-        return candidates if first_only is None else [c for c in candidates if c[0] <= 0]
+    def task(volume_id: int, k: int, expires_at: float) -> TaskOut:
+        return _task(by_id[volume_id], dataset.labels, k, expires_at, len(mine))
 
-    # First pass: only slices no busier than when ranked (concurrent callers spread out); second pass:
-    # any slice with a free slot. Most calls succeed among the first free slices, so those are ranked
-    # first without walking the whole dataset; the full ranking decides when they are all taken.
-    head = ranked(first_only=FAST_PATH_SLICES)
-    for strict, candidates in ((True, head), (True, None), (False, None)):
-        for _rank, volume_id, k, seen in candidates if candidates is not None else ranked(None):
-            max_busy = others[(volume_id, k)] if strict else None
-            lease = leases.claim(dataset_id, volume_id, k, who.name, target - seen, settings.task_lease_s, max_busy)
+    # A slice leased to the caller and not answered yet comes back (a reload, a retry).
+    held = sorted({(lease.volume_id, lease.slice) for lease in active if lease.annotator == who.name} - mine)
+    for volume_id, k in held:
+        if volume_id in by_id:
+            lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
             if lease is not None:
-                return _task(volumes[volume_id], dataset.labels, k, lease.expires_at, len(mine))
+                return task(volume_id, k, lease.expires_at)
+    held_set = set(held)
+
+    def fresh(limit: int) -> list[Candidate]:
+        """The first ``limit`` slices of tier 0 that nobody has seen or holds, in volume and slice order."""
+        out: list[Candidate] = []
+        if len(counts) >= sum(v.n_slices for v in volumes):
+            return out  # every slice has been seen
+        for order, volume in enumerate(volumes):
+            if tier[volume.id]:
+                break
+            vid = volume.id
+            for k in range(volume.n_slices):
+                key = (vid, k)
+                if key not in counts and not others.get(key) and key not in held_set and key not in mine:
+                    out.append((0, 0, 0.0, order, k, vid, min_views))
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def ranked() -> list[Candidate]:
+        """Every slice this annotator may still be given, best first."""
+        # Agreement changes nothing when no slice can get extra views and none below min_views has two answers.
+        levels = agreement.disputed(session, dataset_id, min_agreement) if max_views > min_views or min_views > 2 \
+            else {}
+        out: list[Candidate] = []
+        for order, volume in enumerate(volumes):
+            vid, vtier = volume.id, tier[volume.id]
+            for k in range(volume.n_slices):
+                key = (vid, k)
+                seen = counts.get(key, 0)
+                level = levels.get(key, 1.0)
+                target = max_views if level < min_agreement else min_views
+                if seen >= target or key in mine or key in held_set:
+                    continue
+                out.append((vtier, seen + others.get(key, 0), level - 1.0, order, k, vid, target - seen))
+        out.sort()
+        return out
+
+    head = fresh(FAST_PATH_SLICES)
+    full: list[Candidate] | None = None
+    if not head:
+        full = ranked()
+        if not full:
+            return None  # nothing left for this annotator: no gold either
+
+    if gold_rate > 0 and gold_draw(dataset_id, who.name, len(mine)) < gold_rate:
+        gold = [(v.id, k) for v in volumes if v.reference_key is not None for k in range(v.n_slices)
+                if (v.id, k) not in mine and (v.id, k) not in held_set]
+        rng = random.Random(sha256_text(f"gold-pick:{dataset_id}:{who.name}:{len(mine)}"))
+        for volume_id, k in rng.sample(gold, min(GOLD_TRIES, len(gold))):
+            lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
+            if lease is not None:
+                return task(volume_id, k, lease.expires_at)
+
+    # First only slices no busier than when ranked (concurrent callers spread out), then any slice with a
+    # free slot. Most calls succeed among the first free slices; the full ranking decides when they are taken.
+    for strict, candidates in ((True, head), (True, None), (False, None)):
+        if candidates is None:
+            full = candidates = full if full is not None else ranked()
+        for *_, k, volume_id, capacity in candidates:
+            max_busy = others.get((volume_id, k), 0) if strict else None
+            lease = leases.claim(dataset_id, volume_id, k, who.name, capacity, settings.task_lease_s, max_busy)
+            if lease is not None:
+                return task(volume_id, k, lease.expires_at)
     return None
 
 
