@@ -25,6 +25,7 @@ from app.core.errors import CrowdsamError
 from app.core.headers import SecurityHeadersMiddleware, redact_access_log
 from app.core.limits import BodySizeLimitMiddleware
 from app.core.responses import API_ERRORS, errors
+from app.crowd.router import router as crowd_router
 from app.datasets.access import dataset_access
 from app.datasets.router import router as datasets_router
 from app.evaluations.router import router as evaluations_router
@@ -50,6 +51,7 @@ API_ROUTERS = [
     segmentations_router,
     exports_router,
     evaluations_router,
+    crowd_router,
 ]
 
 

@@ -33,7 +33,9 @@ from app.imaging.coords import Orientation, display_slice, display_to_canonical_
 from app.imaging.metrics import dice  # noqa: E402
 from app.prompts.simulate import simulate_crowd  # noqa: E402
 from workers.sam.decode import decode, encode  # noqa: E402
-from workers.sam.engine import PromptIn, SegmentationEngine, decode_items, fuse_slice  # noqa: E402
+from workers.sam.engine import PromptIn, SegmentationEngine  # noqa: E402
+from workers.sam.fusion import fuse_slice  # noqa: E402
+from workers.sam.plan import decode_items  # noqa: E402
 
 CT = ROOT / "data" / "samples" / "totalsegmentator"
 LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "aorta": 52}
@@ -52,13 +54,13 @@ def naive(engine: SegmentationEngine, canonical: np.ndarray, prompts: dict[int, 
         display = display_slice(canonical, k)
         items = decode_items(slice_prompts)
         probs, masks = [], []
-        for _label, _annotator, prompt in items:
+        for item in items:
             embedding = engine.encode(display, WINDOW)
-            p, m = decode(engine.model, embedding, [prompt], display.shape)
+            p, m = decode(engine.model, embedding, [item.prompt], display.shape)
             probs.append(p[0])
             masks.append(m[0])
-        label_map, _ = fuse_slice([(label, a) for label, a, _ in items], np.stack(probs), np.stack(masks),
-                                  LABELS, "majority")
+        label_map, _ = fuse_slice([(i.label, i.annotator) for i in items], np.stack(probs), np.stack(masks),
+                                  voters=sorted({i.annotator for i in items}), label_values=LABELS, method="majority")
         out[:, :, k] = display_to_canonical_slice(label_map.astype(np.uint8))
     sync(engine.device)
     return out

@@ -47,10 +47,12 @@ def reference_array(volume_id: int) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep_every: int = 3,
                               erode_label: str | None = None, labels: dict[str, int] | None = None,
-                              prompted: list[int] | None = None) -> tuple[int, list[int], np.ndarray]:
+                              prompted: list[int] | None = None,
+                              derived: list[int] | None = None) -> tuple[int, list[int], np.ndarray]:
     """A finished Segmentation row whose mask is the reference with every ``keep_every``-th canonical slice
     zeroed (those slices are the "unprompted" ones; the others are listed in ``stats.prompted_slices``), or,
-    with ``prompted``, every slice not in it zeroed.
+    with ``prompted``, every slice not in it zeroed. ``derived`` slices keep the reference and are listed
+    in ``stats.derived_slices`` (a ``fill_gaps`` segmentation's gap-filled slices).
     Returns (segmentation id, prompted canonical slices, mask on the original grid)."""
     from app.core.db import session_scope
     from app.core.storage import get_storage
@@ -64,7 +66,7 @@ def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep
     n = canonical.shape[2]
     if prompted is None:
         prompted = [k for k in range(n) if k % keep_every != 0]
-    unprompted = [k for k in range(n) if k not in prompted]
+    unprompted = [k for k in range(n) if k not in prompted and k not in (derived or [])]
     canonical[:, :, unprompted] = 0
     mask = np.asarray(orientation.original(canonical)).astype(np.int32)
     if erode_label is not None and labels is not None:
@@ -87,7 +89,7 @@ def add_finished_segmentation(volume_id: int, *, model: str = "litemedsam", keep
         per_slice = {str(k): {names[int(v)]: {"annotators": ["sim"], "agreement": {}, "score": 1.0}
                               for v in np.unique(np.asarray(orientation.canonical(ref))[:, :, k]) if int(v) in names}
                      for k in prompted}
-        row.stats = {"prompted_slices": prompted, "per_slice": per_slice, "encoded": 0, "decoded": 0,
-                     "timings": {}, "labels": {}}
+        row.stats = {"prompted_slices": prompted, "derived_slices": derived or [], "per_slice": per_slice,
+                     "encoded": 0, "decoded": 0, "timings": {}, "labels": {}}
         session.commit()
         return row.id, prompted, mask

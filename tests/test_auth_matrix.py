@@ -35,9 +35,11 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/datasets"): STAFF,
     ("GET", "/api/v1/datasets"): ANYONE,
     ("GET", "/api/v1/datasets/{dataset_id}"): ANYONE,
+    ("PATCH", "/api/v1/datasets/{dataset_id}"): STAFF,
     ("GET", "/api/v1/datasets/{dataset_id}/members"): STAFF,
     ("PUT", "/api/v1/datasets/{dataset_id}/members/{name}"): STAFF,
     ("DELETE", "/api/v1/datasets/{dataset_id}/members/{name}"): STAFF,
+    ("GET", "/api/v1/datasets/{dataset_id}/annotators"): STAFF,
     # volumes
     ("POST", "/api/v1/datasets/{dataset_id}/volumes"): STAFF,
     ("GET", "/api/v1/datasets/{dataset_id}/volumes"): ANYONE,

@@ -208,3 +208,31 @@ def test_archive_before_finish_is_409_and_store_untouched_until_done(client, tok
     eid = response.json()["id"]
     assert client.get(f"/api/v1/exports/{eid}/archive", headers=tokens.headers("researcher")).status_code == 409
     assert not get_storage().exists(f"exports/{eid}")
+
+
+@pytest.mark.parametrize("derived", ["ignore", "known"])
+def test_gap_filled_slices_are_ignored_or_known_on_request(client, tokens, dataset, run_jobs, tmp_path,  # type: ignore[no-untyped-def]
+                                                           derived):
+    from app.imaging.coords import Orientation
+
+    did = dataset["id"]
+    volumes = upload_ct_cases(client, tokens, did)
+    prompted, filled = {}, {}
+    for case, vol in volumes.items():
+        n = vol["canonical_shape"][2]
+        prompted[case] = list(range(2, n - 2, 4))
+        filled[case] = [k + 1 for k in prompted[case][:-1]]
+        add_finished_segmentation(vol["id"], prompted=prompted[case], derived=filled[case])
+    export = finished_export(client, tokens, run_jobs, did, label_source="segmentation", model="litemedsam",
+                             unprompted="ignore", derived=derived, dataset_number=503)
+    assert export["params"]["derived"] == derived
+    folder = extract_archive(client, tokens, export, tmp_path)
+    for case, vol in volumes.items():
+        labels = np.asarray(nib.load(str(folder / "labelsTr" / f"{case}.nii.gz")).dataobj).astype(np.int32)
+        canonical = np.asarray(Orientation.from_affine(vol["affine"], vol["shape"]).canonical(labels))
+        assert not np.any(canonical[:, :, prompted[case]] == 6)
+        if derived == "known":
+            assert not np.any(canonical[:, :, filled[case]] == 6)
+            assert canonical[:, :, filled[case]].any()  # the derived labels themselves
+        else:
+            assert np.all(canonical[:, :, filled[case]] == 6)

@@ -86,3 +86,52 @@ def test_overlaps_go_to_the_more_confident_label() -> None:
     # ties go to the lower label value
     out = fusion.resolve_overlaps([A, B], [high, high], [1, 5])
     assert np.all(out[A & B] == 1)
+
+
+def _slice(drawn: dict[str, list[np.ndarray]], label: str = "liver") -> tuple[list[tuple[str, str]], np.ndarray]:
+    items = [(label, a) for a in sorted(drawn) for _ in drawn[a]]
+    masks = np.stack([m for a in sorted(drawn) for m in drawn[a]])
+    return items, masks
+
+
+@pytest.mark.parametrize("method", ["majority", "staple", "weighted"])
+def test_silence_votes_absent(method: str) -> None:
+    """One annotator's box where two others saw the slice and drew nothing: no mask; two of three: mask."""
+    items, masks = _slice({"a": [A]})
+    probs = masks.astype(np.float32) * 0.9
+    label_map, stats = fusion.fuse_slice(items, probs, masks, voters=["a", "b", "c"], label_values={"liver": 1},
+                                         method=method)
+    assert not label_map.any()
+    assert stats["liver"]["annotators"] == ["a", "b", "c"] and stats["liver"]["drew"] == ["a"]
+    assert stats["liver"]["agreement"] == {"a": 0.0, "b": 1.0, "c": 1.0}  # the silent ones agree with "absent"
+    items, masks = _slice({"a": [A], "b": [A]})
+    label_map, stats = fusion.fuse_slice(items, masks.astype(np.float32), masks, voters=["a", "b", "c"],
+                                         label_values={"liver": 1}, method=method)
+    assert np.array_equal(label_map == 1, A)
+    assert stats["liver"]["agreement"]["c"] == 0.0 and stats["liver"]["pixels"] == int(A.sum())
+
+
+def test_union_keeps_a_lone_box_among_silent_voters() -> None:
+    items, masks = _slice({"a": [A]})
+    label_map, _ = fusion.fuse_slice(items, masks.astype(np.float32), masks, voters=["a", "b", "c"],
+                                     label_values={"liver": 1}, method="union")
+    assert np.array_equal(label_map == 1, A)
+
+
+def test_weighted_with_equal_reliability_is_majority() -> None:
+    masks = [A, B, C, np.zeros_like(A)]
+    same = [(0.85, 0.85)] * 4  # p = q for every voter: the log-odds weights are equal and opposite
+    assert np.array_equal(fusion.fuse(masks, "weighted", same).mask, fusion.fuse(masks, "majority").mask)
+    assert np.array_equal(fusion.fuse(masks, "weighted").mask, fusion.fuse(masks, "majority").mask)
+
+
+def test_weighted_trusts_the_reliable_voters() -> None:
+    """Two careless voters who mark everything cannot outvote one reliable voter who saw nothing there."""
+    everything = np.ones_like(A)
+    reliability = [(0.95, 0.98), (0.9, 0.2), (0.9, 0.2)]  # careless: many false positives (low specificity)
+    fused = fusion.fuse([np.zeros_like(A), everything, everything], "weighted", reliability)
+    assert not fused.mask.any()
+    assert fusion.fuse([np.zeros_like(A), everything, everything], "majority").mask.all()
+    # ... but where the reliable voter marks the organ, the careless votes add to it
+    fused = fusion.fuse([A, everything, everything], "weighted", reliability)
+    assert np.array_equal(fused.mask, A)

@@ -79,6 +79,6 @@ def test_engine_runs_scaled_down_vit(name: str, small_volume: np.ndarray, tmp_pa
 
 def _slice_digest(volume: np.ndarray, k: int) -> str:
     from app.imaging.coords import display_slice
-    from workers.sam.engine import _digest
+    from workers.sam.plan import slice_digest
 
-    return _digest(display_slice(volume, k))
+    return slice_digest(display_slice(volume, k))

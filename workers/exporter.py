@@ -32,7 +32,7 @@ def export(context: JobContext) -> dict[str, Any]:
     with session_scope() as session:
         _, dataset = row_and_dataset(session, context)
         dataset_id, dataset_name, labels = dataset.id, dataset.name, dict(dataset.labels)
-        plans = [_case_plan(session, case, params.unprompted) for case in params.cases]
+        plans = [_case_plan(session, case, params.unprompted, params.derived) for case in params.cases]
     prefix = f"exports/{context.row_id}"
     storage.delete_prefix(prefix)
     try:
@@ -73,7 +73,7 @@ def export(context: JobContext) -> dict[str, Any]:
     return {"result": result, "archive_key": archive_key}
 
 
-def _case_plan(session: Any, case: ExportCase, unprompted: str) -> dict[str, Any]:
+def _case_plan(session: Any, case: ExportCase, unprompted: str, derived: str) -> dict[str, Any]:
     volume = session.get(Volume, case.volume_id)
     if volume is None:
         raise LookupError(f"volume {case.volume_id} ({case.case_id}) was deleted")
@@ -83,7 +83,8 @@ def _case_plan(session: Any, case: ExportCase, unprompted: str) -> dict[str, Any
         if seg is None or seg.mask_key is None:
             raise LookupError(f"segmentation {case.segmentation_id} of case {case.case_id} is gone")
         plan["mask_key"] = seg.mask_key
-        plan["known_slices"] = known_slices(session, seg) if unprompted == "ignore" else None
+        plan["known_slices"] = (known_slices(session, seg, with_derived=derived == "known")
+                                if unprompted == "ignore" else None)
     return plan
 
 
@@ -99,13 +100,16 @@ def _load_case(storage: Storage, plan: dict[str, Any], tmp: Path) -> CaseInput:
     return CaseInput(plan["case_id"], plan["split"], image_path, labels, plan.get("known_slices"), provenance)
 
 
-def known_slices(session: Any, seg: Segmentation) -> list[int]:
+def known_slices(session: Any, seg: Segmentation, *, with_derived: bool = False) -> list[int]:
     """Canonical slices the crowd has labelled for this segmentation: its prompted slices plus slices seen
-    without a box (seen-but-empty = "none of these organs here") up to the time the job started.
+    without a box (seen-but-empty = "none of these organs here") up to the time the job started, and,
+    ``with_derived``, its gap-filled slices (``fill_gaps``).
 
     The one definition of "known": an ``ignore`` export keeps these slices and the evaluation's
     ``Dice_known_slices`` scores them (workers/evaluator.py)."""
-    prompted = (seg.stats or {}).get("prompted_slices", [])
+    prompted = list((seg.stats or {}).get("prompted_slices", []))
+    if with_derived:
+        prompted += (seg.stats or {}).get("derived_slices", [])
     query = select(SliceView.slice_index).where(SliceView.volume_id == seg.volume_id)
     cutoff = seg.started_at or seg.created_at
     if cutoff is not None:

@@ -31,6 +31,7 @@ class ExportParams(BaseModel):
     label_source: Literal["reference", "segmentation"]
     model: str | None
     unprompted: Literal["background", "ignore"]
+    derived: Literal["ignore", "known"] = "ignore"  # gap-filled slices under unprompted="ignore"
     include_test: bool
     cases: list[ExportCase]
 

@@ -22,6 +22,9 @@ class ExportCreate(BaseModel):
     unprompted: Literal["background", "ignore"] = Field(
         default="background", description="'ignore' marks slices no annotator saw with nnU-Net's ignore label"
     )
+    derived: Literal["ignore", "known"] = Field(default="ignore", description=(
+        "with unprompted='ignore': gap-filled slices of segmentations made with fill_gaps (derived boxes, no "
+        "crowd vote) stay 'ignore' (default) or count as 'known' with their derived labels"))
     include_test: bool = True
 
     @field_validator("dataset_number")

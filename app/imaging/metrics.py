@@ -1,4 +1,4 @@
-"""The project's one Dice (numpy only: used by the API's demo, the workers and the benches).
+"""The project's one Dice (numpy only: used by the API, the workers, the benches and ``make demo``).
 
 Dice = 2|A ∩ B| / (|A| + |B|). When both masks are empty the score is undefined: NaN by default,
 as nnU-Net's ``compute_metrics`` reports it (the score is left out of means, not counted as 0 or 1).

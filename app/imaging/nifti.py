@@ -33,10 +33,10 @@ CHUNK_VOXELS = 1 << 20  # voxels per step of a chunked pass: bounds its temporar
 READ_BYTES = 1 << 22  # decompressed bytes per gzip read: zlib's output buffer never exceeds this
 
 
-@dataclass
-class LoadedNifti:
+class _Geometry:
+    """Affine and voxel spacing of a NIfTI image's header."""
+
     image: nib.Nifti1Image | nib.Nifti2Image
-    data: npt.NDArray[Any]  # 3D, original orientation
 
     @property
     def affine(self) -> npt.NDArray[np.float64]:
@@ -49,7 +49,13 @@ class LoadedNifti:
 
 
 @dataclass
-class NiftiHeader:
+class LoadedNifti(_Geometry):
+    image: nib.Nifti1Image | nib.Nifti2Image
+    data: npt.NDArray[Any]  # 3D, original orientation
+
+
+@dataclass
+class NiftiHeader(_Geometry):
     """A validated header: geometry and voxel type, nothing decoded yet."""
 
     image: nib.Nifti1Image | nib.Nifti2Image
@@ -64,15 +70,6 @@ class NiftiHeader:
     def stored_dtype(self) -> np.dtype[Any]:
         """The voxel type in the file (what the header says, before scaling)."""
         return np.dtype(self.image.header.get_data_dtype())
-
-    @property
-    def affine(self) -> npt.NDArray[np.float64]:
-        return np.asarray(self.image.affine, dtype=np.float64)
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        zooms = self.image.header.get_zooms()[:3]
-        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
     @property
     def scaling(self) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

@@ -65,7 +65,6 @@ class JobContext:
     params: Any  # the kind's pydantic model
     storage: Storage
     min_interval: float = DEFAULT_PROGRESS_INTERVAL_S
-    writes: int = 0
     _last_write: float = field(default=float("-inf"), repr=False)
 
     def check_cancel(self) -> None:
@@ -87,7 +86,6 @@ class JobContext:
             )
             session.commit()
         self._last_write = now
-        self.writes += 1
 
 
 Handler = Callable[[JobContext], dict[str, Any]]

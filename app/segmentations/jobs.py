@@ -15,6 +15,7 @@ class SegmentationParams(BaseModel):
     model: str
     fusion: Fusion
     labels: list[str] | None  # None: every label that has prompts when the job runs
+    fill_gaps: int = 0  # derived boxes in gaps of at most this many unknown slices (0 = off)
 
 
 KIND = register(JobKind(

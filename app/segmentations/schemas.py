@@ -5,7 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-Fusion = Literal["majority", "staple", "union"]
+Fusion = Literal["majority", "staple", "weighted", "union"]
+MAX_FILL_GAP = 64
 
 
 class ModelOut(BaseModel):
@@ -18,10 +19,17 @@ class ModelOut(BaseModel):
 
 class SegmentationCreate(BaseModel):
     model: str = Field(default="litemedsam", min_length=1, max_length=50, description="a name from GET /models")
-    fusion: Fusion = Field(default="majority", description="how annotators' masks of one slice and organ merge")
+    fusion: Fusion = Field(default="majority", description=(
+        "how annotators' masks of one slice and organ merge; every annotator who saw the slice votes, "
+        "a view without a box for the organ is an 'absent' vote. weighted: votes weighted by each "
+        "annotator's sensitivity/specificity over the dataset (GET /datasets/{id}/annotators)"))
     labels: list[str] | None = Field(
         default=None, description="organs to segment (default: every dataset label that has prompts)"
     )
+    fill_gaps: int = Field(default=0, ge=0, le=MAX_FILL_GAP, description=(
+        "gap filling (opt-in): a slice nobody saw, between two slices with boxes of an organ at most this "
+        "many slices apart, gets a box interpolated from theirs; such slices are marked derived in "
+        "stats (derived_slices, per_slice[k][label].derived) and never count as crowd votes. 0 = off"))
 
     @field_validator("labels")
     @classmethod
@@ -46,6 +54,7 @@ class SegmentationOut(BaseModel):
     model: str
     fusion: Fusion
     labels: list[str] | None
+    fill_gaps: int = 0
     status: Literal["queued", "running", "finished", "failed", "canceled"]
     progress: Progress
     error: str | None = None

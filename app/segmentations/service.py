@@ -72,6 +72,7 @@ def create(
             model=body.model,
             fusion=body.fusion,
             labels=plan.labels,
+            fill_gaps=body.fill_gaps,
             status=JobStatus.queued,
             progress={"done": 0, "total": plan.n_slices},
             stats={},
@@ -140,6 +141,7 @@ def to_out(row: Segmentation) -> SegmentationOut:
         model=row.model,
         fusion=row.fusion,  # type: ignore[arg-type]
         labels=row.labels,
+        fill_gaps=row.fill_gaps,
         status=row.status,  # type: ignore[arg-type]
         progress={"done": int(progress.get("done", 0)), "total": int(progress.get("total", 0))},  # type: ignore[arg-type]
         error=row.error,

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from app.core.db import session_scope
+from app.crowd import service as crowd
 from app.datasets.models import Dataset
 from app.jobs.runner import JobContext, params_model
+from app.prompts.repository import PromptRepository
 from app.segmentations.jobs import SegmentationParams
 from app.segmentations.models import Segmentation
 from app.segmentations.repository import SegmentationRepository
@@ -36,6 +38,8 @@ class _Inputs:
     window: tuple[float, float]
     label_values: dict[str, int]
     prompts: dict[int, list[Any]]  # canonical slice k → [PromptIn]
+    views: dict[int, set[str]]  # canonical slice k → annotators who saw it (their silence votes "absent")
+    reliability: dict[str, tuple[float, float]] | None  # annotator → (sensitivity, specificity), weighted only
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,6 +71,9 @@ def segment(context: JobContext) -> dict[str, Any]:
         prompts=inputs.prompts,
         label_values=inputs.label_values,
         fusion=params.fusion,
+        views=inputs.views,
+        reliability=inputs.reliability,
+        fill_gaps=params.fill_gaps,
         progress=context.progress,
     )
     context.check_cancel()
@@ -82,6 +89,7 @@ def segment(context: JobContext) -> dict[str, Any]:
     stats = _jsonable(
         {
             "prompted_slices": sorted(int(k) for k in output.prompted_slices),
+            "derived_slices": sorted(int(k) for k in output.derived_slices),
             "per_slice": {int(k): v for k, v in sorted(output.per_slice.items())},
             "encoded": int(output.encoded),
             "decoded": int(output.decoded),
@@ -90,7 +98,7 @@ def segment(context: JobContext) -> dict[str, Any]:
         }
     )
     log.info("segmentation %s: mask sha256 %s", context.row_id, digest[:12])
-    total = len(inputs.prompts)
+    total = len(output.prompted_slices) + len(output.derived_slices)
     return {"mask_key": key, "mask_sha256": digest, "stats": stats, "progress": {"done": total, "total": total}}
 
 
@@ -120,12 +128,18 @@ def _load_inputs(segmentation_id: int, params: SegmentationParams) -> _Inputs:
                     positive=True if p.positive is None else bool(p.positive),
                 )
             )
+        views: dict[int, set[str]] = defaultdict(set)
+        for annotator, k in PromptRepository(session).views(volume.id):
+            views[int(k)].add(annotator)
+        reliability = crowd.fusion_weights(session, dataset) if params.fusion == "weighted" else None
         session.expunge(volume)
         return _Inputs(
             volume=volume,
             window=(float(dataset.window_level), float(dataset.window_width)),
             label_values={name: int(dataset.labels[name]) for name in labels},
             prompts=dict(sorted(grouped.items())),
+            views=dict(views),
+            reliability=reliability,
         )
 
 
