@@ -86,11 +86,12 @@ def main() -> None:
     parser.add_argument("--case", default="example_ct", choices=sorted(CASES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
     canonical, ref = load(args.case)
     results: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
     with tempfile.TemporaryDirectory() as cache:
-        engine = SegmentationEngine("litemedsam", device=args.device, cache_dir=Path(cache))
+        engine = SegmentationEngine("litemedsam", device=args.device, cache_dir=Path(cache), threads=args.threads)
         for scenario, careless in (("5 careful", 0), ("4 careful + 1 careless", 1)):
             prompts, views, false_boxes = crowd(ref, careless, args.seed)
             drew = [(k, p.annotator, p.label) for k, given in prompts.items() for p in given]

@@ -25,8 +25,12 @@ SCRIPTS = {
                  "--idle-seconds", "2"],
                 ["ratio total / pure encoder", "idle CPU of the loaded engine over 2 s", "decoder",
                  "same masks: True", "per-organ Dice"]),
-    "reproduce_study": (["bench/reproduce_study.py", "--cases", "example_ct_sm", "--coverage", "0.1"],
-                        ["=== coverage 0.1 per annotator", "max |vol@known", "HD95 penal.: "]),
+    "reproduce_study": (["bench/reproduce_study.py", "--cases", "example_ct_sm", "--coverage", "0.1", "--seeds", "2",
+                         "--resamples", "200"],
+                        ["| SAM ViT-H | slice |", "| organ | study slice SAM-H / MedSAM |",
+                         "=== coverage 0.1 per annotator (example_ct_sm, 3 annotators, 2 seeds", "| **mean** |",
+                         "max |vol@known", "HD95 penal.: ",
+                         "reproduce_study cases=example_ct_sm coverages=[0.1] seeds=2 runs=2 fill_gaps=3"]),
 }
 MODEL_SCRIPTS = {"segment", "reproduce_study"}
 
