@@ -54,7 +54,8 @@ def serve(
 
 @app.command()
 def worker(
-    queues: list[str] = typer.Option(["sam", "cpu"], "--queue", "-q", help="queues to listen on"),
+    queues: list[str] = typer.Option(["sam", "cpu", "preencode"], "--queue", "-q",
+                                     help="queues to listen on, highest priority first"),
     burst: bool = typer.Option(False, help="exit when the queues are empty"),
 ) -> None:
     """Run an RQ worker on the project's queues."""

@@ -1,10 +1,18 @@
-"""Benchmark the SAM engine on the shared CT with a simulated 3-annotator crowd.
+"""Benchmark the SAM engine on the shared CT with a simulated 3-annotator crowd, torch vs ONNX Runtime.
 
-Prints, in one run: total time of a cold segmentation, the pure encoder time of the prompted
-slices, their ratio (target <= 1.15 on CPU), the speed-up over a naive pipeline that re-encodes
-the slice for every box (same masks, asserted), the rerun time after one new box (encodes 0,
-decodes 1), the idle CPU of the loaded engine over 30 s beside the decoder's ms/box, and per-organ
-Dice against the reference masks.
+One run, the same prompts for every backend (``--backends``, default torch and onnx): per backend the
+pure encoder time of the prompted slices, a cold segmentation (empty caches) with its encoder and
+decoder seconds, the ratio total / pure encoder (target <= 1.15 on CPU for the default backend) and
+the decoder's ms per box; the per-slice Dice between the backends' masks. Then, on the default
+backend (``CROWDSAM_BACKEND``, auto = ONNX Runtime on CPU): the rerun after one new box (encodes 0,
+decodes 1), the naive pipeline that re-encodes the slice per box (same masks, asserted), request →
+mask cold vs after the crowd round's pre-encoding (``SegmentationEngine.preencode``, what the
+``preencode`` queue runs), decoder ms/box per chunk size (``--chunks``), the idle CPU of the loaded
+engine over 30 s, per-organ Dice against the reference masks, and as its last line
+
+    segment backend_speedup=S total_over_encoder=R request_to_mask_prewarmed_s=T idle_worker_cpu_pct=C
+
+with S = torch total / ONNX Runtime total (cold runs), R and T for the default backend.
 
     .venv/bin/python bench/segment.py [--slices N] [--naive-slices M] [--threads T] [--device cuda]
 """
@@ -16,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,14 +36,19 @@ configure_process(runs_models=True)  # before torch loads OpenMP
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
+from app.core.config import get_settings  # noqa: E402
 from app.imaging.coords import Orientation, display_slice, display_to_canonical_slice  # noqa: E402
 from app.imaging.metrics import dice  # noqa: E402
 from app.prompts.simulate import simulate_crowd  # noqa: E402
-from workers.sam.decode import decode, encode  # noqa: E402
-from workers.sam.engine import PromptIn, SegmentationEngine  # noqa: E402
+from app.segmentations import registry  # noqa: E402
+from workers.sam.backends import OnnxBackend, resolve_backend  # noqa: E402
+from workers.sam.decode import DecodePrompt, decode  # noqa: E402
+from workers.sam.engine import PromptIn, SegmentationEngine, SegmentationOutput, choose_device  # noqa: E402
 from workers.sam.fusion import fuse_slice  # noqa: E402
+from workers.sam.models import load_model  # noqa: E402
 from workers.sam.plan import decode_items  # noqa: E402
 
 CT = ROOT / "data" / "samples" / "totalsegmentator"
@@ -56,7 +70,7 @@ def naive(engine: SegmentationEngine, canonical: np.ndarray, prompts: dict[int, 
         probs, masks = [], []
         for item in items:
             embedding = engine.encode(display, WINDOW)
-            p, m = decode(engine.model, embedding, [item.prompt], display.shape)
+            p, m = engine.backend.decode(embedding, [item.prompt], display.shape)
             probs.append(p[0])
             masks.append(m[0])
         label_map, _ = fuse_slice([(i.label, i.annotator) for i in items], np.stack(probs), np.stack(masks),
@@ -88,6 +102,81 @@ def idle_cpu_seconds(seconds: float) -> float:
     return time.process_time() - before
 
 
+@dataclass
+class BackendRun:
+    name: str
+    pure_encoder_s: float
+    cold: SegmentationOutput
+    boxes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.cold.timings["total_s"]
+
+    @property
+    def ratio(self) -> float:
+        return self.total_s / self.pure_encoder_s
+
+    @property
+    def decoder_ms_per_box(self) -> float:
+        return self.cold.timings["decoder_s"] / self.boxes * 1000
+
+
+def run_backend(engine: SegmentationEngine, canonical: np.ndarray, prompts: dict[int, list[PromptIn]],
+                boxes: int) -> BackendRun:
+    """Warm up, time the encoder alone on the prompted slices, then one cold segmentation."""
+    warm = display_slice(canonical, 0)
+    for _ in range(2):  # warm-up (allocator, kernels, ORT's first-run graph work) on an unprompted slice
+        embedding = engine.encode(warm, WINDOW)
+    engine.backend.decode(embedding, [DecodePrompt(box=(10.0, 10.0, 60.0, 60.0))] * 2, warm.shape)
+    sync(engine.device)
+    t = time.perf_counter()
+    for k in prompts:
+        engine.encode(display_slice(canonical, k), WINDOW)
+    sync(engine.device)
+    pure_encoder_s = time.perf_counter() - t
+    cold = engine.segment(canonical, window=WINDOW, image_id="bench", prompts=prompts, label_values=LABELS)
+    sync(engine.device)
+    return BackendRun(engine.backend.name, pure_encoder_s, cold, boxes)
+
+
+def agreement(a: np.ndarray, b: np.ndarray, slices: list[int]) -> list[float]:
+    """Per-slice, per-organ Dice between two label maps (organs present in either)."""
+    scores = []
+    for k in slices:
+        for value in LABELS.values():
+            x, y = a[:, :, k] == value, b[:, :, k] == value
+            if x.any() or y.any():
+                scores.append(dice(x, y))
+    return scores
+
+
+def chunk_sweep(engine: SegmentationEngine, canonical: np.ndarray, prompts: dict[int, list[PromptIn]],
+                chunks: list[int], slices: int) -> list[tuple[int, float]]:
+    """Decoder ms/box of the backend per batch size, on ``slices`` prompted slices (embeddings cached)."""
+    chosen = list(prompts)[:: max(1, len(prompts) // max(slices, 1))][:slices]
+    work = []
+    for k in chosen:
+        display = display_slice(canonical, k)
+        work.append((engine.encode(display, WINDOW), [i.prompt for i in decode_items(prompts[k])], display.shape))
+    backend, rows = engine.backend, []
+    for chunk in chunks:
+        saved = getattr(backend, "chunk", None)
+        t, boxes = time.perf_counter(), 0
+        for embedding, items, shape in work:
+            if isinstance(backend, OnnxBackend):
+                backend.chunk = chunk
+                backend.decode(embedding, items, shape)
+            else:
+                decode(engine.model, embedding, items, shape, chunk=chunk)
+            boxes += len(items)
+        sync(engine.device)
+        rows.append((chunk, (time.perf_counter() - t) / boxes * 1000))
+        if saved is not None:
+            backend.chunk = saved  # type: ignore[union-attr]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=0, help="limit to N prompted slices, evenly spread (0 = all)")
@@ -95,6 +184,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                        help="decoder batch sizes to time on the default backend")
+    parser.add_argument("--chunk-slices", type=int, default=6, help="slices for the batch-size sweep")
     parser.add_argument("--annotators", type=int, default=3)
     parser.add_argument("--jitter", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -122,42 +215,57 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        engine = SegmentationEngine("litemedsam", device=args.device, cache_dir=Path(tmp) / "a",
-                                    threads=args.threads, precision=args.precision)
+        model = load_model("litemedsam", device=choose_device(args.device))
+        weights_id = registry.file_sha256(Path(registry.model_info("litemedsam").checkpoint or ""))[:16]
         load_s = time.perf_counter() - t
-        device = engine.device
-        warm = display_slice(canonical, 0)
-        for _ in range(2):  # warm-up (allocator, kernels) on an unprompted slice
-            engine.encode(warm, WINDOW)
-        sync(device)
-        print(f"device={device} threads={torch.get_num_threads()} precision={engine.precision} "
+
+        def engine_for(backend: str, cache: str) -> SegmentationEngine:
+            return SegmentationEngine("litemedsam", device=args.device, cache_dir=Path(tmp) / cache,
+                                      threads=args.threads, precision=args.precision, loaded=model,
+                                      weights_id=weights_id, backend=backend, onnx_dir=Path(tmp) / "onnx")
+
+        engines: dict[str, SegmentationEngine] = {}
+        export_s: dict[str, float] = {}
+        for backend in args.backends:
+            t = time.perf_counter()
+            engines[backend] = engine_for(backend, backend)
+            export_s[backend] = time.perf_counter() - t
+        device = next(iter(engines.values())).device
+        default = resolve_backend(get_settings().backend, device)
+        if default not in engines:
+            engines[default] = engine_for(default, default)
+        print(f"device={device} threads={torch.get_num_threads()} precision={args.precision} "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} "
-              f"gpu={torch.cuda.get_device_name(0) if device.type == 'cuda' else '-'}")
+              f"onnxruntime={onnxruntime.__version__} torch={torch.__version__} default backend={default} "
+              f"gpu={torch.cuda.get_device_name(0) if device.type == 'cuda' else '-'} cpus={os.cpu_count()} "
+              f"load avg before={os.getloadavg()[0]:.2f}")
         print(f"volume {canonical.shape}, {len(slices)} prompted slices, {n_boxes} boxes from "
-              f"{args.annotators} simulated annotators (jitter {args.jitter}), model load {load_s:.2f} s")
+              f"{args.annotators} simulated annotators (jitter {args.jitter}), model load {load_s:.2f} s, "
+              f"engine start (ONNX export when not cached) "
+              + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in export_s.items()))
 
-        # 1. pure encoder time of the prompted slices
-        t = time.perf_counter()
-        for k in slices:
-            encode(engine.model, display_slice(canonical, k), WINDOW)
-        sync(device)
-        pure_encoder_s = time.perf_counter() - t
+        runs = {backend: run_backend(engines[backend], canonical, prompts, n_boxes) for backend in args.backends}
+        print(f"  {'backend':<8}{'encoder s':>10}{'ms/slice':>9}{'total s':>9}{'in-run enc':>11}{'decoder':>9}"
+              f"{'ms/box':>8}{'total/enc':>10}")
+        for run in runs.values():
+            timings = run.cold.timings
+            print(f"  {run.name:<8}{run.pure_encoder_s:>10.2f}{run.pure_encoder_s / len(slices) * 1000:>9.0f}"
+                  f"{run.total_s:>9.2f}{timings['encoder_s']:>11.2f}{timings['decoder_s']:>9.2f}"
+                  f"{run.decoder_ms_per_box:>8.1f}{run.ratio:>10.3f}")
+        speedup = float("nan")
+        if {"torch", "onnx"} <= set(runs):
+            speedup = runs["torch"].total_s / runs["onnx"].total_s
+            scores = agreement(runs["torch"].cold.labels, runs["onnx"].cold.labels, slices)
+            encoder_x = runs["torch"].pure_encoder_s / runs["onnx"].pure_encoder_s
+            print(f"torch / onnx: total x{speedup:.2f}, encoder x{encoder_x:.2f}, "
+                  f"decoder x{runs['torch'].decoder_ms_per_box / runs['onnx'].decoder_ms_per_box:.2f}; "
+                  f"per-slice Dice torch vs onnx min {min(scores):.4f} mean {np.mean(scores):.5f} "
+                  f"over {len(scores)} (slice, organ) pairs")
 
-        # 2. cold engine run (empty caches)
-        cold = engine.segment(canonical, window=WINDOW, image_id="bench", prompts=prompts, label_values=LABELS)
-        sync(device)
-        ratio = cold.timings["total_s"] / pure_encoder_s
-        print(f"cold run: total {cold.timings['total_s']:.2f} s (encoder {cold.timings['encoder_s']:.2f}, "
-              f"decoder {cold.timings['decoder_s']:.2f}, fusion {cold.timings['fusion_s']:.2f}, "
-              f"cache {cold.timings['cache_s']:.2f}); encoded {cold.encoded}, decoded {cold.decoded}")
-        print(f"pure encoder time for the prompted slices: {pure_encoder_s:.2f} s "
-              f"({pure_encoder_s / len(slices) * 1000:.0f} ms/slice)")
-        print(f"ratio total / pure encoder: {ratio:.3f} (target <= 1.15 on CPU)")
-        in_run = cold.timings["total_s"] / cold.timings["encoder_s"]
-        print(f"ratio total / encoder time inside the same run: {in_run:.3f}"
-              f" (robust to load changing between the two passes); {n_boxes / len(slices):.1f} boxes/slice")
+        engine = engines[default]
+        cold = runs[default].cold if default in runs else run_backend(engine, canonical, prompts, n_boxes).cold
 
-        # 3. rerun: identical, then one new box
+        # rerun: identical, then one new box
         t = time.perf_counter()
         same = engine.segment(canonical, window=WINDOW, image_id="bench", prompts=prompts, label_values=LABELS)
         same_s = time.perf_counter() - t
@@ -171,41 +279,58 @@ def main() -> None:
         sync(device)
         rerun_s = time.perf_counter() - t
         assert (rerun.encoded, rerun.decoded) == (0, 1), (rerun.encoded, rerun.decoded)
-        print(f"rerun, same prompts: {same_s * 1000:.0f} ms (encoded 0, decoded 0, bit-identical)")
-        print(f"rerun with one new box on slice {k}: {rerun_s * 1000:.0f} ms (encoded 0, decoded 1)")
+        print(f"{default}: rerun, same prompts: {same_s * 1000:.0f} ms (encoded 0, decoded 0, bit-identical); "
+              f"one new box on slice {k}: {rerun_s * 1000:.0f} ms (encoded 0, decoded 1)")
         prompts[k] = prompts[k][:-1]
 
-        # 4. naive pipeline on a subset, against a cold engine on the same subset
+        # naive pipeline on a subset, against a cold engine on the same subset
         step = max(1, len(slices) // max(args.naive_slices, 1))
         subset = {k: prompts[k] for k in slices[::step][: args.naive_slices]}
         sub_boxes = sum(len(v) for v in subset.values())
-        engine_b = SegmentationEngine("litemedsam", device=args.device, cache_dir=Path(tmp) / "b",
-                                      threads=args.threads, loaded=engine.model, weights_id=engine.weights_id,
-                                      precision=args.precision)
         t = time.perf_counter()
-        fast = engine_b.segment(canonical, window=WINDOW, image_id="bench", prompts=subset, label_values=LABELS)
+        fast = engine_for(default, "naive-cmp").segment(canonical, window=WINDOW, image_id="bench", prompts=subset,
+                                                       label_values=LABELS)
         sync(device)
         fast_s = time.perf_counter() - t
         t = time.perf_counter()
         slow = naive(engine, canonical, subset)
         naive_s = time.perf_counter() - t
-        same_masks = np.array_equal(slow, fast.labels)
         differing = int((slow != fast.labels).sum())
-        print(f"naive (re-encode per box) on {len(subset)} slices / {sub_boxes} boxes: {naive_s:.2f} s vs engine "
-              f"{fast_s:.2f} s -> speed-up x{naive_s / fast_s:.1f}; same masks: {same_masks} "
-              f"({differing} differing voxels)")
-        assert same_masks, f"naive and batched masks differ in {differing} voxels"
+        print(f"{default}: naive (re-encode per box) on {len(subset)} slices / {sub_boxes} boxes: {naive_s:.2f} s vs "
+              f"engine {fast_s:.2f} s -> speed-up x{naive_s / fast_s:.1f}; same masks: {differing == 0}")
+        assert differing == 0, f"naive and batched masks differ in {differing} voxels"
 
-        # 5. a loaded engine waiting for work: its OpenMP threads must sleep, not spin
-        decoder_ms = cold.timings["decoder_s"] / max(cold.decoded, 1) * 1000
+        # request -> mask after a crowd round: cold (nothing encoded) vs pre-encoded while the crowd worked
+        prewarmed = engine_for(default, "prewarmed")
+        t = time.perf_counter()
+        encoded = prewarmed.preencode(canonical, window=WINDOW, image_id="bench", slices=slices)
+        preencode_s = time.perf_counter() - t
+        t = time.perf_counter()
+        warm_out = prewarmed.segment(canonical, window=WINDOW, image_id="bench", prompts=prompts, label_values=LABELS)
+        sync(device)
+        prewarmed_s = time.perf_counter() - t
+        assert warm_out.encoded == 0 and np.array_equal(warm_out.labels, cold.labels)
+        print(f"{default}: request -> mask cold {cold.timings['total_s']:.2f} s; pre-encoded ({encoded} slices in "
+              f"{preencode_s:.2f} s while the crowd worked) {prewarmed_s:.2f} s "
+              f"= {prewarmed_s / cold.timings['total_s'] * 100:.1f} % of cold (encoded 0, decoded {warm_out.decoded})")
+
+        if args.chunks:
+            sweep = chunk_sweep(engine, canonical, prompts, args.chunks, args.chunk_slices)
+            print(f"{default}: decoder ms/box by batch size: " + ", ".join(f"{c}: {ms:.1f}" for c, ms in sweep))
+
+        # a loaded engine waiting for work: its threads (OpenMP, ONNX Runtime) must sleep, not spin
         idle_cpu = idle_cpu_seconds(args.idle_seconds)
-        print(f"idle CPU of the loaded engine over {args.idle_seconds:.0f} s: {idle_cpu:.2f} s "
-              f"({idle_cpu / args.idle_seconds * 100:.1f} % of a core); decoder {decoder_ms:.1f} ms/box")
+        idle_pct = idle_cpu / args.idle_seconds * 100
+        print(f"idle CPU of the loaded engines over {args.idle_seconds:.0f} s: {idle_cpu:.2f} s "
+              f"({idle_pct:.1f} % of a core)")
 
-    print("per-organ Dice vs reference (majority of the crowd):")
+    print("per-organ Dice vs reference (majority of the crowd, default backend):")
     print(f"  {'organ':<14}{'per-slice':>10}{'vol(prompted)':>15}{'vol(all)':>10}")
     for label, per_slice, vol_prompted, vol in dice_table(cold.labels, ref, slices):
         print(f"  {label:<14}{per_slice:>10.3f}{vol_prompted:>15.3f}{vol:>10.3f}")
+    ratio = runs[default].ratio if default in runs else float("nan")
+    print(f"segment backend_speedup={speedup:.2f} total_over_encoder={ratio:.3f} "
+          f"request_to_mask_prewarmed_s={prewarmed_s:.2f} idle_worker_cpu_pct={idle_pct:.1f}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["DATABASE_URL"] = url
     os.environ["REDIS_URL"] = redis_url
     os.environ["CROWDSAM_DATA_DIR"] = str(base / "data")
+    os.environ["CROWDSAM_ONNX_DIR"] = str(base / "onnx")  # one ONNX export per model for the whole session
     os.environ.pop("CROWDSAM_STORAGE_URL", None)
     config._crowdsam = (server, url, base, redis_base, redis_claim)  # type: ignore[attr-defined]
 

@@ -231,7 +231,8 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
     requeue_abandoned(queues)
     release_dead_scheduler_locks(queues)
     if preload_models is None:
-        preload_models = ("litemedsam",) if "sam" in queue_names and not burst else ()
+        models = {"sam", "preencode"} & set(queue_names)
+        preload_models = ("litemedsam",) if models and not burst else ()
     worker = CrowdsamWorker(queues, connection=get_redis())
     worker.preload_models = tuple(preload_models)
     try:

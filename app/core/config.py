@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +57,17 @@ class Settings(BaseSettings):
     embedding_cache_bytes: int = Field(default=2 * 1024**3, alias="CROWDSAM_EMBEDDING_CACHE_BYTES",
                                        description="on-disk embedding cache bound; oldest evicted first")
     torch_threads: int | None = Field(default=None, alias="CROWDSAM_TORCH_THREADS")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        default="auto", alias="CROWDSAM_BACKEND",
+        description="where a worker runs SAM: auto = ONNX Runtime on CPU, torch on CUDA (workers/sam/backends.py)")
+    preencode_models: str = Field(
+        default="litemedsam", alias="CROWDSAM_PREENCODE_MODELS",
+        description="comma-separated models whose embeddings workers compute while the crowd annotates "
+                    "(queue preencode, app/segmentations/preencode.py); empty = off")
+    preencode_ttl_s: int = Field(default=24 * 3600, ge=60, alias="CROWDSAM_PREENCODE_TTL_S",
+                                 description="a slice is queued for pre-encoding at most once per this long")
+    onnx_dir: Path | None = Field(default=None, alias="CROWDSAM_ONNX_DIR",
+                                  description="exported ONNX models (default: <cache dir>/onnx)")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
     max_active_jobs_per_user: int = Field(default=100, ge=1, alias="CROWDSAM_MAX_ACTIVE_JOBS_PER_USER",
                                           description="queued + running jobs (all kinds) one token name may "

@@ -1,4 +1,5 @@
-"""Redis connection and the RQ queues (``sam`` for GPU/CPU model work, ``cpu`` for the rest)."""
+"""Redis connection and the RQ queues (``sam`` for GPU/CPU model work, ``cpu`` for the rest, ``preencode``
+for low-priority embedding warm-up: a worker takes it only when its other queues are empty)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rq import Queue
 
 from app.core.services import redis_url
 
-QUEUE_NAMES = ("sam", "cpu")
+QUEUE_NAMES = ("sam", "cpu", "preencode")
 
 
 @lru_cache

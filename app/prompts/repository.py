@@ -232,6 +232,12 @@ class PromptRepository(Repository[Prompt]):
         )
         return {(v, k): int(n) for v, k, n in rows}
 
+    def dataset_has_answers(self, dataset_id: int) -> bool:
+        """Whether anyone has seen a slice of the dataset yet (its annotation has started)."""
+        query = select(SliceView.volume_id).join(Volume, Volume.id == SliceView.volume_id) \
+            .where(Volume.dataset_id == dataset_id).limit(1)
+        return self.session.execute(query).first() is not None
+
     def dataset_seen_by(self, dataset_id: int, annotator: str) -> set[tuple[int, int]]:
         """(volume, slice) pairs of a dataset this annotator has seen."""
         rows = self.session.execute(

@@ -40,6 +40,7 @@ from app.datasets.repository import DatasetRepository
 from app.imaging.palette import label_colors
 from app.prompts.repository import PromptRepository
 from app.prompts.service import display_size
+from app.segmentations import preencode
 from app.tasks import agreement, leases
 from app.tasks.schemas import TaskOut
 from app.volumes.models import Volume
@@ -76,6 +77,7 @@ def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | No
     others = leases.busy(active, exclude=who.name)
 
     def task(volume_id: int, k: int, expires_at: float) -> TaskOut:
+        preencode.request(volume_id, [k])  # its embedding is ready when the crowd's masks are asked for
         return _task(by_id[volume_id], dataset.labels, k, expires_at, len(mine))
 
     # A slice leased to the caller and not answered yet comes back (a reload, a retry).

@@ -37,6 +37,8 @@ from app.imaging.nifti import (
     read_voxels,
     same_geometry,
 )
+from app.prompts.repository import PromptRepository
+from app.segmentations import preencode
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
 from app.volumes.schemas import CASE_ID_PATTERN
@@ -274,6 +276,8 @@ def upload_volume(
         except BaseException:
             storage.delete_prefix(prefix)
             raise
+    if PromptRepository(session).dataset_has_answers(dataset.id):  # the crowd will get these slices soon
+        preencode.request_after_commit(session, volume.id, range(volume.n_slices))
     return volume
 
 

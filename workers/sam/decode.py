@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,37 +34,78 @@ def encode(model: LoadedModel, display: npt.NDArray[np.generic], window: tuple[f
     return model.sam.image_encoder(prepared.tensor)
 
 
-def _sparse_embeddings(model: LoadedModel, prompts: list[DecodePrompt], original_size: tuple[int, int],
-                       device: torch.device) -> torch.Tensor:
-    encoder = model.sam.prompt_encoder
+Layout = tuple[int, bool]  # (points, has a box): prompts with one layout have the same tokens
+
+
+def layout(prompt: DecodePrompt) -> Layout:
+    return (len(prompt.points), prompt.box is not None)
+
+
+def decoder_batches(prompts: list[DecodePrompt], chunk: int) -> list[list[int]]:
+    """Indices of ``prompts`` in decoder calls of at most ``chunk``, each call one :func:`layout`.
+
+    Every prompt gets exactly SamPredictor's tokens for it alone (points, then the box corners, or
+    one padding token when there is no box): padding tokens take part in the decoder's attention, so
+    mixing layouts in one call would make a prompt's mask depend on its neighbours in the batch."""
+    groups: dict[Layout, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(layout(prompt), []).append(index)
+    return [indices[i:i + chunk] for indices in groups.values() for i in range(0, len(indices), chunk)]
+
+
+Masks = tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]
+
+
+def decode_in_batches(prompts: list[DecodePrompt], chunk: int,
+                      run: Callable[[list[DecodePrompt]], Masks]) -> Masks:
+    """``run`` on each of :func:`decoder_batches`, results back in the prompts' order."""
+    if not prompts:
+        raise ValueError("decode needs at least one prompt")
+    probs: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(prompts)
+    masks: list[npt.NDArray[np.bool_]] = [np.empty(0, bool)] * len(prompts)
+    for indices in decoder_batches(prompts, chunk):
+        batch_probs, batch_masks = run([prompts[i] for i in indices])
+        for j, index in enumerate(indices):
+            probs[index], masks[index] = batch_probs[j], batch_masks[j]
+    return np.stack(probs), np.stack(masks)
+
+
+def prompt_tokens(model: LoadedModel, prompts: list[DecodePrompt], original_size: tuple[int, int],
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """One layout's batch as decoder tokens: coordinates (B, N, 2) in the model frame and labels (B, N) —
+    1/0 points, 2/3 box corners, -1 padding — as ``PromptEncoder`` builds them (points, then the box's
+    corners or one padding token), so an exported decoder (:mod:`workers.sam.onnx_export`) sees
+    exactly the torch backend's tokens."""
+    (n_points, has_box), = {layout(p) for p in prompts}
     family = model.family
-    n = len(prompts)
-    has_box = [p.box is not None for p in prompts]
-    n_points = max(len(p.points) for p in prompts)
-    boxes = None
-    if any(has_box):
-        raw = np.array([p.box if p.box is not None else (0.0, 0.0, 0.0, 0.0) for p in prompts], dtype=np.float64)
-        boxes = torch.as_tensor(family.boxes(raw, original_size), dtype=torch.float, device=device)
-    if n_points == 0:
-        assert boxes is not None
-        sparse, _ = encoder(points=None, boxes=boxes, masks=None)  # SamPredictor's exact path
-        return sparse
-    coords = np.zeros((n, n_points, 2), dtype=np.float64)
-    labels = -np.ones((n, n_points), dtype=np.int64)  # -1: padding ("not a point"), SAM's own convention
+    coords = np.zeros((len(prompts), n_points + (2 if has_box else 1), 2), dtype=np.float64)
+    labels = -np.ones(coords.shape[:2], dtype=np.float32)
     for i, prompt in enumerate(prompts):
         if prompt.points:
-            coords[i, : len(prompt.points)] = family.coords(np.array(prompt.points, dtype=np.float64), original_size)
-            labels[i, : len(prompt.points)] = prompt.point_labels
-    coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)
-    labels_t = torch.as_tensor(labels, dtype=torch.int, device=device)
-    if boxes is None:
-        sparse, _ = encoder(points=(coords_t, labels_t), boxes=None, masks=None)  # pads one -1 point
-        return sparse
-    point_emb = encoder._embed_points(coords_t, labels_t, pad=False)
-    box_emb = encoder._embed_boxes(boxes)
-    missing = torch.as_tensor([not b for b in has_box], device=device)
-    box_emb[missing] = encoder.not_a_point_embed.weight.to(box_emb.dtype)  # no box: two padding tokens
-    return torch.cat([point_emb, box_emb], dim=1)
+            coords[i, :n_points] = family.coords(np.array(prompt.points, dtype=np.float64), original_size)
+            labels[i, :n_points] = prompt.point_labels
+        if prompt.box is not None:
+            coords[i, n_points:] = family.boxes(np.array([prompt.box], dtype=np.float64), original_size).reshape(2, 2)
+            labels[i, n_points:] = (2.0, 3.0)
+    return coords.astype(np.float32), labels
+
+
+def _sparse_embeddings(model: LoadedModel, prompts: list[DecodePrompt], original_size: tuple[int, int],
+                       device: torch.device) -> torch.Tensor:
+    """One layout's batch through ``PromptEncoder`` itself (SamPredictor's path)."""
+    (n_points, has_box), = {layout(p) for p in prompts}
+    family = model.family
+    boxes = points = None
+    if has_box:
+        raw = np.array([p.box for p in prompts], dtype=np.float64)
+        boxes = torch.as_tensor(family.boxes(raw, original_size), dtype=torch.float, device=device)
+    if n_points:
+        coords = np.stack([family.coords(np.array(p.points, dtype=np.float64), original_size) for p in prompts])
+        labels = np.array([p.point_labels for p in prompts], dtype=np.int64)
+        points = (torch.as_tensor(coords, dtype=torch.float, device=device),
+                  torch.as_tensor(labels, dtype=torch.int, device=device))
+    sparse, _ = model.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    return sparse
 
 
 # On CPU the batched mask decoder is memory-bound: every prompt carries its own copy of the
@@ -75,27 +117,22 @@ CPU_DECODE_CHUNK = 2
 
 @torch.inference_mode()
 def decode(model: LoadedModel, embedding: torch.Tensor, prompts: list[DecodePrompt],
-           original_size: tuple[int, int], *, chunk: int | None = None,
-           ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """All prompts of one slice, batched (``multimask_output=False``): one decoder call on GPU,
-    chunks of ``CPU_DECODE_CHUNK`` prompts on CPU (see above).
+           original_size: tuple[int, int], *, chunk: int | None = None) -> Masks:
+    """All prompts of one slice in :func:`decoder_batches` (``multimask_output=False``): as few calls
+    as layouts on GPU, chunks of ``CPU_DECODE_CHUNK`` prompts on CPU (see above).
 
     Returns per-prompt probabilities (N, H, W) float32 and masks (N, H, W) bool on the display grid.
     """
-    if not prompts:
-        raise ValueError("decode needs at least one prompt")
     if chunk is None:
         chunk = len(prompts) if embedding.device.type == "cuda" else CPU_DECODE_CHUNK
-    parts = [_decode_batch(model, embedding, prompts[i:i + chunk], original_size)
-             for i in range(0, len(prompts), chunk)]
-    return (np.concatenate([probs for probs, _ in parts]), np.concatenate([masks for _, masks in parts]))
+    return decode_in_batches(prompts, max(chunk, 1),
+                             lambda batch: _decode_batch(model, embedding, batch, original_size))
 
 
 def _decode_batch(model: LoadedModel, embedding: torch.Tensor, prompts: list[DecodePrompt],
-                  original_size: tuple[int, int]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+                  original_size: tuple[int, int]) -> Masks:
     sam = model.sam
-    device = embedding.device
-    sparse = _sparse_embeddings(model, prompts, original_size, device)
+    sparse = _sparse_embeddings(model, prompts, original_size, embedding.device)
     dense_shape = sam.prompt_encoder.image_embedding_size
     dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
         len(prompts), -1, dense_shape[0], dense_shape[1])

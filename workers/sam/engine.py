@@ -5,15 +5,16 @@ The engine reads as its stages (the MONAI Label shape: pre-transforms → infere
 
 1. **plan** (:mod:`workers.sam.plan`): check the request; per prompted slice the decoder prompts,
    the voters (everyone who saw it) and the two cache keys;
-2. **embed** (:class:`Embedder`): the slice's image embedding from the cache or ONE encoder pass;
-3. **decode** (:func:`workers.sam.decode.decode`): all prompts of the slice batched;
+2. **embed** (:class:`Embedder`): the slice's image embedding from the cache or ONE encoder pass of
+   the backend (torch or ONNX Runtime, :mod:`workers.sam.backends`);
+3. **decode** (the backend's ``decode``): all prompts of the slice, batched by token layout;
 4. **fuse** (:func:`workers.sam.fusion.fuse_slice`): per label, voters fused with negative evidence,
    overlaps resolved by model probability;
 5. **place**: the display label map back on the canonical grid (``display_to_canonical_slice``).
 
 A slice whose (pixels, prompts, voters, model, preprocessing, fusion, labels) were decoded before
 comes from the decode cache without touching the model, so a rerun with one added box encodes 0
-slices and decodes 1. Other backends and multi-slice GPU batching plug in at ``embed``/``decode``.
+slices and decodes 1. Multi-slice GPU batching plugs in at ``embed``.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import numpy.typing as npt
 import torch
 
 from app.core.config import get_settings
-from app.imaging.coords import display_to_canonical_slice
+from app.imaging.coords import display_slice, display_to_canonical_slice
 from workers.sam import fusion
+from workers.sam.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from workers.sam.cache import ArrayCache
-from workers.sam.decode import decode, encode
 from workers.sam.fusion import Reliability
 from workers.sam.models import LoadedModel, load_model
-from workers.sam.plan import ModelIdentity, PromptIn, SlicePlan, embedding_key, plan
+from workers.sam.plan import ModelIdentity, PromptIn, SlicePlan, embedding_key, plan, slice_digest
 from workers.sam.timing import StageTimer
 
 __all__ = ["PRECISIONS", "Embedder", "PromptIn", "SegmentationEngine", "SegmentationOutput", "get_engine"]
@@ -79,28 +80,21 @@ def configure_torch(device: torch.device, threads: int | None) -> None:
 class Embedder:
     """Stage 2: image embeddings of display slices, cached by :func:`workers.sam.plan.embedding_key`."""
 
-    def __init__(self, model: LoadedModel, device: torch.device, precision: str, cache: ArrayCache) -> None:
-        self.model, self.device, self.precision, self.cache = model, device, precision, cache
+    def __init__(self, backend: Backend, device: torch.device, cache: ArrayCache) -> None:
+        self.backend, self.device, self.cache = backend, device, cache
         self.encoded = 0
 
-    def encode(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor:
-        """One encoder pass (autocast to bf16/fp16 on CUDA when asked; the embedding is float32)."""
-        if self.precision != "fp32":
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            with torch.autocast(self.device.type, dtype=dtype):
-                return encode(self.model, display, window).float()
-        return encode(self.model, display, window)
-
-    def embed(self, slice_plan: SlicePlan, window: tuple[float, float], timer: StageTimer) -> torch.Tensor:
+    def embed(self, key: str, display: npt.NDArray[np.generic], window: tuple[float, float],
+              timer: StageTimer) -> torch.Tensor:
         with timer.stage("cache"):
-            cached = self.cache.get(slice_plan.embedding_key)
+            cached = self.cache.get(key)
         if cached is not None:
             return torch.from_numpy(cached["embedding"]).to(self.device)
         with timer.stage("encoder"):
-            embedding = self.encode(slice_plan.display, window)
+            embedding = self.backend.encode(display, window)
         self.encoded += 1
         with timer.stage("cache"):
-            self.cache.put(slice_plan.embedding_key, {"embedding": embedding.cpu().numpy()})
+            self.cache.put(key, {"embedding": embedding.cpu().numpy()})
         return embedding
 
 
@@ -109,9 +103,12 @@ class SegmentationEngine:
 
     def __init__(self, model: str = "litemedsam", *, device: str | None = None, cache_dir: Path | None = None,
                  threads: int | None = None, loaded: LoadedModel | None = None, weights_id: str | None = None,
-                 precision: str = "fp32", checkpoint_dir: Path | None = None) -> None:
+                 precision: str = "fp32", checkpoint_dir: Path | None = None, backend: str | None = None,
+                 onnx_dir: Path | None = None) -> None:
         """``loaded``/``weights_id``: use an already built model (tests build the ViT architectures with
-        random weights); otherwise the registry's verified weights are loaded (ModelUnavailable if not)."""
+        random weights); otherwise the registry's verified weights are loaded (ModelUnavailable if not).
+        ``backend``: auto/torch/onnx (default ``CROWDSAM_BACKEND``, :func:`resolve_backend`); ONNX models
+        are exported on first use into ``onnx_dir`` (default ``CROWDSAM_ONNX_DIR`` or ``<cache>/onnx``)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         settings = get_settings()
@@ -134,17 +131,38 @@ class SegmentationEngine:
                                      max_bytes=settings.embedding_cache_bytes)
         self.decoded = ArrayCache(root / "decoded", max_entries=4096,
                                   max_bytes=max(settings.embedding_cache_bytes // 8, 1))
-        self.embedder = Embedder(self.model, self.device, self.precision, self.embeddings)
+        kind = resolve_backend(backend or settings.backend, self.device)
+        self.backend: Backend = TorchBackend(self.model, self.device, self.precision) if kind == "torch" else (
+            OnnxBackend.export(self.model, Path(onnx_dir or settings.onnx_dir or root / "onnx"), self.weights_id,
+                               torch.get_num_threads()))
+        self.embedder = Embedder(self.backend, self.device, self.embeddings)
         self._lock = threading.Lock()
 
     def identity(self, window: tuple[float, float]) -> ModelIdentity:
-        return ModelIdentity(self.name, self.weights_id, f"{self.model.family.signature(window)}:{self.precision}")
+        prep = f"{self.model.family.signature(window)}:{self.precision}:{self.backend.name}"
+        return ModelIdentity(self.name, self.weights_id, prep)
 
     def embedding_key(self, image_id: str, k: int, slice_digest: str, window: tuple[float, float]) -> str:
         return embedding_key(self.identity(window), image_id, k, slice_digest)
 
     def encode(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor:
-        return self.embedder.encode(display, window)
+        return self.backend.encode(display, window)
+
+    def preencode(self, canonical: npt.NDArray[np.generic], *, window: tuple[float, float], image_id: str,
+                  slices: Iterable[int]) -> int:
+        """Fill the embedding cache for ``slices`` (the pre-encoding job, before anyone asks for masks);
+        returns how many slices were encoded now (the others were cached)."""
+        with self._lock:
+            window = (float(window[0]), float(window[1]))
+            identity, before = self.identity(window), self.embedder.encoded
+            for k in sorted(set(slices)):
+                if not 0 <= k < canonical.shape[2]:
+                    raise ValueError(f"slice {k} is outside the volume's {canonical.shape[2]} axial slices")
+                display = display_slice(canonical, k)
+                key = embedding_key(identity, image_id, k, slice_digest(display))
+                if key not in self.embeddings:
+                    self.embedder.embed(key, display, window, StageTimer(*STAGES))
+            return self.embedder.encoded - before
 
     def segment(self, canonical: npt.NDArray[np.generic], *, window: tuple[float, float], image_id: str,
                 prompts: Mapping[int, list[PromptIn]], label_values: Mapping[str, int], fusion: str = "majority",
@@ -191,9 +209,9 @@ class SegmentationEngine:
             record = self.decoded.get(slice_plan.decoded_key)
         if record is not None:
             return record["labels"], json.loads(bytes(record["stats"]).decode()), 0
-        embedding = self.embedder.embed(slice_plan, window, timer)
+        embedding = self.embedder.embed(slice_plan.embedding_key, slice_plan.display, window, timer)
         with timer.stage("decoder"):
-            probs, masks = decode(self.model, embedding, [i.prompt for i in slice_plan.items], (shape[0], shape[1]))
+            probs, masks = self.backend.decode(embedding, [i.prompt for i in slice_plan.items], (shape[0], shape[1]))
         with timer.stage("fusion"):
             label_map, stats = fusion.fuse_slice(
                 [(i.label, i.annotator) for i in slice_plan.items], probs, masks, voters=slice_plan.voters,

@@ -30,7 +30,8 @@ from workers.sam.cache import make_key
 from workers.sam.decode import DecodePrompt
 from workers.sam.fusion import FUSION_METHODS
 
-ENGINE_VERSION = "3"  # bump when decoded masks may change (3: absent voters, points join their box)
+ENGINE_VERSION = "4"  # bump when decoded masks may change (3: absent voters, points join their box;
+# 4: a prompt's decoder tokens never depend on the other prompts of its batch)
 DERIVED = "~derived"  # the annotator of gap-filling boxes (no token or import name can contain "~")
 
 
