@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from workers.sam.decode import DecodePrompt, Masks, decode, decode_in_batches, encode, prompt_tokens
+from workers.sam.decode import DecodePrompt, Masks, decode, decode_in_batches, prompt_tokens
 from workers.sam.models import LoadedModel
 from workers.sam.onnx_export import OnnxModelFiles, export_model
 
@@ -37,8 +37,11 @@ ONNX_DECODE_CHUNK = 4
 
 class Backend(Protocol):
     name: str
+    model: LoadedModel
 
     def encode(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor: ...
+
+    def encode_batch(self, displays: list[npt.NDArray[np.generic]], window: tuple[float, float]) -> torch.Tensor: ...
 
     def decode(self, embedding: torch.Tensor, prompts: list[DecodePrompt], original_size: tuple[int, int],
                ) -> Masks: ...
@@ -64,11 +67,18 @@ class TorchBackend:
         self.model, self.device, self.precision = model, device, precision
 
     def encode(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor:
+        return self.encode_batch([display], window)
+
+    @torch.inference_mode()
+    def encode_batch(self, displays: list[npt.NDArray[np.generic]], window: tuple[float, float]) -> torch.Tensor:
+        """(N, C, h, w) embeddings of N slices in one encoder call (the GPU path batches slices)."""
+        family, sam = self.model.family, self.model.sam
+        images = torch.cat([family.encoder_input(display, window, sam).tensor for display in displays])
         if self.precision != "fp32":
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             with torch.autocast(self.device.type, dtype=dtype):
-                return encode(self.model, display, window).float()
-        return encode(self.model, display, window)
+                return sam.image_encoder(images).float()
+        return sam.image_encoder(images)
 
     def decode(self, embedding: torch.Tensor, prompts: list[DecodePrompt], original_size: tuple[int, int],
                ) -> Masks:
@@ -94,6 +104,9 @@ class OnnxBackend:
         prepared = self.model.family.encoder_input(display, window, self.model.sam)
         (embedding,) = self.encoder.run(None, {"image": prepared.tensor.cpu().numpy()})
         return torch.from_numpy(embedding)
+
+    def encode_batch(self, displays: list[npt.NDArray[np.generic]], window: tuple[float, float]) -> torch.Tensor:
+        return torch.cat([self.encode(display, window) for display in displays])  # batch 1 is fastest on CPU
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, prompts: list[DecodePrompt], original_size: tuple[int, int],

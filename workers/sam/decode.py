@@ -1,4 +1,4 @@
-"""Image encoding and batched prompt decoding for one slice on a loaded SAM-family model."""
+"""Batched prompt decoding for one slice on a loaded SAM-family model (the torch backend's decoder)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,6 @@ class DecodePrompt:
             raise ValueError("a decode prompt needs a box or at least one point")
         if len(self.points) != len(self.point_labels):
             raise ValueError("points and point_labels differ in length")
-
-
-@torch.inference_mode()
-def encode(model: LoadedModel, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor:
-    """(1, C, h, w) image embedding of one display slice."""
-    prepared = model.family.encoder_input(display, window, model.sam)
-    return model.sam.image_encoder(prepared.tensor)
 
 
 Layout = tuple[int, bool]  # (points, has a box): prompts with one layout have the same tokens

@@ -46,6 +46,14 @@ def minmax_uint8(image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return np.rint((values - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU → ``device``; to a GPU through pinned memory, asynchronously (the uint8 image, 4× smaller than
+    its float form, is what crosses the bus on the longest-side families)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class EncoderInput:
     tensor: torch.Tensor  # (1, 3, S, S) float32, ready for ``sam.image_encoder``
@@ -104,8 +112,8 @@ class _LongestSide(Family):
     def encoder_input(self, display: npt.NDArray[np.generic], window: tuple[float, float], sam: Sam) -> EncoderInput:
         rgb = self.intensity(self.rgb(display, window))
         resized = self.transform.apply_image(rgb)
-        tensor = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].to(torch.float32)
-        tensor = sam.preprocess(tensor.to(sam.device))
+        tensor = sam.preprocess(to_device(torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None],
+                                          sam.device).to(torch.float32))
         return EncoderInput(tensor, (int(resized.shape[0]), int(resized.shape[1])),
                             (int(display.shape[0]), int(display.shape[1])))
 
@@ -151,7 +159,7 @@ class MedSAMFamily(Family):
                               antialias=True)
         lo, hi = image.min(), image.max()
         image = (image - lo) / torch.clamp(hi - lo, min=1e-8)
-        return EncoderInput(image.to(sam.device), (self.img_size, self.img_size),
+        return EncoderInput(to_device(image, sam.device), (self.img_size, self.img_size),
                             (int(display.shape[0]), int(display.shape[1])))
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
