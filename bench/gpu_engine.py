@@ -111,7 +111,9 @@ def main() -> None:
     started = time.perf_counter()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    memory = f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB" if device.type == "cuda" else "-"
+    memory = "-"
+    if device.type == "cuda":
+        memory = f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
     print(f"card={card} memory={memory} device={device} torch={torch.__version__} "
           f"cuda={torch.version.cuda} python={platform.python_version()}")
     precisions = args.precisions if device.type == "cuda" else ["fp32"]

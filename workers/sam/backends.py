@@ -23,20 +23,22 @@ import torch
 
 from workers.sam.decode import DecodePrompt, Masks, decode, decode_in_batches, prompt_tokens
 from workers.sam.models import LoadedModel
-from workers.sam.onnx_export import OnnxModelFiles, export_model
+from workers.sam.onnx_export import EXPORTER_VERSION, OnnxModelFiles, export_model
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
 
 BACKENDS = ("auto", "torch", "onnx")
 
-# ONNX Runtime decoder batch: prompts per call on CPU. Measured with bench/segment.py --chunks on the
-# 2-core build machine (LiteMedSAM, example_ct, 12 boxes/slice), see docs/DESIGN.md section 5.
-ONNX_DECODE_CHUNK = 4
+# ONNX Runtime decoder batch: prompts per call on CPU. bench/segment.py's sweep on the 2-core build machine
+# (LiteMedSAM, example_ct, 12 boxes/slice), ms/box: 1: 48.3, 2: 42.3, 4: 46.5, 8: 42.1, 16: 48.5 (±10 %
+# between runs; a separate A/B of 4 vs 8 gave 49.8 vs 47.3).
+ONNX_DECODE_CHUNK = 8
 
 
 class Backend(Protocol):
     name: str
+    tag: str  # what the backend adds to cache keys: its name, and the exporter version for ONNX
     model: LoadedModel
 
     def encode(self, display: npt.NDArray[np.generic], window: tuple[float, float]) -> torch.Tensor: ...
@@ -61,7 +63,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 class TorchBackend:
     """The model's own modules; autocast to bf16/fp16 on CUDA when asked (embeddings stay float32)."""
 
-    name = "torch"
+    name = tag = "torch"
 
     def __init__(self, model: LoadedModel, device: torch.device, precision: str) -> None:
         self.model, self.device, self.precision = model, device, precision
@@ -89,6 +91,7 @@ class OnnxBackend:
     """The model exported once (:func:`workers.sam.onnx_export.export_model`), run by ONNX Runtime."""
 
     name = "onnx"
+    tag = f"onnx-e{EXPORTER_VERSION}"
 
     def __init__(self, model: LoadedModel, files: OnnxModelFiles, threads: int, *,
                  chunk: int = ONNX_DECODE_CHUNK) -> None:

@@ -178,7 +178,7 @@ class SegmentationEngine:
         self._lock = threading.Lock()
 
     def identity(self, window: tuple[float, float]) -> ModelIdentity:
-        prep = f"{self.model.family.signature(window)}:{self.precision}:{self.backend.name}"
+        prep = f"{self.model.family.signature(window)}:{self.precision}:{self.backend.tag}"
         return ModelIdentity(self.name, self.weights_id, prep)
 
     def embedding_key(self, image_id: str, k: int, slice_digest: str, window: tuple[float, float]) -> str:
