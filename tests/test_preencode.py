@@ -22,17 +22,18 @@ WINDOW = {"level": 41.25, "width": 398.5}
 def annotated(client, tokens) -> dict:  # type: ignore[no-untyped-def]
     response = client.post(
         "/api/v1/datasets",
-        json={"name": "preencode", "labels": ABDOMEN_LABELS, "window": WINDOW, "annotators": ["annotator"]},
+        json={"name": "preencode", "labels": ABDOMEN_LABELS, "window": WINDOW,
+              "annotators": ["annotator", "annotator2"]},
         headers=tokens.headers("researcher"),
     )
     assert response.status_code == 201, response.text
     return response.json()
 
 
-def _jobs() -> list[tuple[int, list[int], str]]:
+def _jobs(kind: str = "preencode") -> list[tuple[object, ...]]:
     from app.core.redis import get_queue
 
-    return [tuple(job.args) for job in get_queue("preencode").get_jobs()]  # type: ignore[misc]
+    return [tuple(job.args) for job in get_queue("preencode").get_jobs() if job.func_name.endswith(f".{kind}")]
 
 
 def _results() -> list[dict[str, int]]:
@@ -65,14 +66,30 @@ def test_handed_out_slices_are_encoded_before_the_masks_are_asked_for(  # type: 
     assert preencode.request(volume["id"], organ_slices) == 0  # requested recently
     assert run_jobs("preencode") is True
     ref = canonical_reference(CT_DIR / "example_seg.nii.gz")
-    post_boxes(client, tokens.headers("annotator"), volume["id"],
-               reference_boxes(ref, {"liver": ORGANS["liver"]}, organ_slices))
-    sid = client.post(f"/api/v1/volumes/{volume['id']}/segmentations", json={"labels": ["liver"]},
-                      headers=tokens.headers("researcher")).json()["id"]
-    assert run_jobs("sam") is True
-    seg = client.get(f"/api/v1/segmentations/{sid}", headers=tokens.headers("researcher")).json()
-    assert seg["status"] == "finished", seg
-    assert (seg["stats"]["encoded"], seg["stats"]["decoded"]) == (0, 2)  # decode-only
+    boxes = reference_boxes(ref, {"liver": ORGANS["liver"]}, organ_slices)
+    post_boxes(client, tokens.headers("annotator"), volume["id"], boxes[:1])
+    post_boxes(client, tokens.headers("annotator"), volume["id"], boxes[1:])
+    assert _jobs("predecode") == [(volume["id"], "litemedsam")]  # one waiting job per volume, not per post
+
+    def segment() -> dict:  # type: ignore[type-arg]
+        sid = client.post(f"/api/v1/volumes/{volume['id']}/segmentations", json={"labels": ["liver"]},
+                          headers=tokens.headers("researcher")).json()["id"]
+        assert run_jobs("sam") is True
+        seg = client.get(f"/api/v1/segmentations/{sid}", headers=tokens.headers("researcher")).json()
+        assert seg["status"] == "finished", seg
+        return seg["stats"]  # type: ignore[no-any-return]
+
+    assert run_jobs("preencode") is True  # the boxes are decoded while the crowd draws
+    stats = segment()
+    assert (stats["encoded"], stats["decoded"]) == (0, 0)  # the request only fuses
+    assert stats["timings"]["decoder_s"] == 0 and sorted(stats["per_slice"]) == ["12", "13"]
+
+    # a late box: the next job decodes only it; the request again needs no model
+    late = {**boxes[0], "box": [boxes[0]["box"][0] + 1, *boxes[0]["box"][1:]]}
+    post_boxes(client, tokens.headers("annotator2"), volume["id"], [late])
+    assert run_jobs("preencode") is True
+    stats = segment()
+    assert (stats["encoded"], stats["decoded"]) == (0, 0)
 
     # a volume uploaded into a dataset being annotated: all its slices are queued at once
     second = upload(client, tokens, did, CT_DIR / "example_ct_sm.nii.gz", case_id="sm2").json()

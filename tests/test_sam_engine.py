@@ -143,11 +143,21 @@ def test_new_process_reuses_the_disk_caches(cache_dir: Path, sm: Case, sm_run: S
     out = fresh.segment(sm.canonical, window=WINDOW, image_id="sm-ras", prompts=prompts,
                         label_values=ABDOMEN_LABELS)
     assert (out.encoded, out.decoded) == (0, 0)
-    records = list((cache_dir / "decoded").rglob("*.val"))  # diskcache's record files (the index stays)
-    assert len(records) >= 3
-    for path in records:
-        path.unlink()
-    fresh.decoded.clear_memory()
+
+    def forget(*caches: str) -> None:
+        for name in caches:
+            records = list((cache_dir / name).rglob("*.val"))  # diskcache's record files (the index stays)
+            assert len(records) >= 3
+            for path in records:
+                path.unlink()
+            getattr(fresh, {"decoded": "decoded", "prompts": "prompt_masks"}[name]).clear_memory()
+
+    forget("decoded")  # the fused slices: each prompt's decoder output comes from the prompt cache, no model
+    out = fresh.segment(sm.canonical, window=WINDOW, image_id="sm-ras", prompts=prompts,
+                        label_values=ABDOMEN_LABELS)
+    assert (out.encoded, out.decoded) == (0, 0)
+    assert np.array_equal(out.labels[:, :, sorted(prompts)], sm_run.labels[:, :, sorted(prompts)])
+    forget("decoded", "prompts")
     out = fresh.segment(sm.canonical, window=WINDOW, image_id="sm-ras", prompts=prompts,
                         label_values=ABDOMEN_LABELS)
     assert (out.encoded, out.decoded) == (0, 3)  # embeddings from disk, decoded again

@@ -71,8 +71,10 @@ def test_same_inputs_give_the_same_bytes_and_one_added_box_decodes_one_slice(  #
     assert (b["stats"]["encoded"], b["stats"]["decoded"]) == (0, 0)
     assert b["stats"]["per_slice"] == a["stats"]["per_slice"]
 
-    # A second annotator adds one box on slice 15: embeddings come from the cache, one slice re-decodes.
+    # A second annotator adds one box on slice 15 (1 px off the first's, a new decoder prompt): embeddings come
+    # from the cache, one slice re-decodes (an identical box would need no decoder: outputs are cached per prompt).
     extra = _boxes([15], ("liver",))[:1]
+    extra[0]["box"][0] += 1
     post_boxes(client, tokens.headers("annotator2"), vid, extra)
     rerun = _request(client, tokens, vid)
     run_jobs()

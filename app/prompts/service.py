@@ -26,6 +26,7 @@ from app.prompts.schemas import (
     PromptPage,
 )
 from app.prompts.validation import Problems, check_box, check_point, check_slice
+from app.segmentations import preencode
 from app.tasks import agreement, leases
 from app.volumes.models import Volume
 
@@ -143,6 +144,7 @@ def record_views(session: Session, volume: Volume, views: Iterable[tuple[int, st
     for recomputing (task assignment gives disputed slices extra views)."""
     views = set(views)
     PromptRepository(session).mark_seen(volume.id, views, source)
+    preencode.request_decode_after_commit(session, volume.id)  # decode the new prompts while the crowd draws
     agreement.touched(session, volume.dataset_id, volume.id, (k for k, _ in views))
     by_annotator: dict[str, list[int]] = {}
     for k, annotator in views:

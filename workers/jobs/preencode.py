@@ -1,5 +1,6 @@
-"""Pre-encoding job (queue ``preencode``, see :mod:`app.segmentations.preencode`): fill the worker's
-embedding cache for some slices of a volume, with the window and image id a segmentation will use."""
+"""Jobs of the ``preencode`` queue (see :mod:`app.segmentations.preencode`): fill the worker's embedding
+cache for some slices of a volume, and decode the prompts posted so far, with the window and image id a
+segmentation will use."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import logging
 from app.core.db import session_scope
 from app.core.storage import get_storage
 from app.datasets.models import Dataset
+from app.segmentations import preencode as requests
+from app.segmentations.repository import SegmentationRepository
 from app.volumes import slices as volume_slices
 from app.volumes.models import Volume
+from workers.jobs.segmentation import prompts_by_slice
 
 log = logging.getLogger("crowdsam.jobs")
 
@@ -30,3 +34,24 @@ def preencode(volume_id: int, slices: list[int], model: str) -> dict[str, int]:
     encoded = get_engine(model).preencode(canonical, window=window, image_id=image_id, slices=wanted)
     log.info("pre-encoded %d of %d slice(s) of volume %s for %s", encoded, len(slices), volume_id, model)
     return {"requested": len(slices), "encoded": encoded}
+
+
+def predecode(volume_id: int, model: str) -> dict[str, int]:
+    """Decode every prompt of the volume not decoded yet; prompts posted after this job starts queue the
+    next one (the pending mark is cleared first)."""
+    requests.decode_started(volume_id, model)
+    with session_scope() as session:
+        volume = session.get(Volume, volume_id)
+        dataset = session.get(Dataset, volume.dataset_id) if volume is not None else None
+        if volume is None or dataset is None or volume.canonical_key is None:
+            return {"slices": 0, "decoded": 0}
+        window = (float(dataset.window_level), float(dataset.window_width))
+        key, image_id = volume.canonical_key, volume.sha256
+        repo = SegmentationRepository(session)
+        prompts = prompts_by_slice(repo, volume_id, repo.prompted_labels(volume_id))
+    canonical = volume_slices.canonical_array(get_storage(), key)
+    from workers.sam.engine import get_engine
+
+    decoded = get_engine(model).predecode(canonical, window=window, image_id=image_id, prompts=prompts)
+    log.info("pre-decoded %d of %d prompted slice(s) of volume %s for %s", decoded, len(prompts), volume_id, model)
+    return {"slices": len(prompts), "decoded": decoded}

@@ -102,10 +102,27 @@ def segment(context: JobContext) -> dict[str, Any]:
     return {"mask_key": key, "mask_sha256": digest, "stats": stats, "progress": {"done": total, "total": total}}
 
 
-def _load_inputs(segmentation_id: int, params: SegmentationParams) -> _Inputs:
-    """Everything the engine needs: the volume, the window, label values and the prompts by slice."""
+def prompts_by_slice(repo: SegmentationRepository, volume_id: int, labels: list[str]) -> dict[int, list[Any]]:
+    """The volume's prompts for ``labels`` as engine inputs (``PromptIn``), by canonical slice."""
     from workers.sam.engine import PromptIn
 
+    grouped: dict[int, list[PromptIn]] = defaultdict(list)
+    for p in repo.prompts(volume_id, labels):
+        coords = (p.x0, p.y0, p.x1, p.y1) if p.kind == "box" else (p.x0, p.y0)
+        grouped[int(p.slice_index)].append(
+            PromptIn(
+                annotator=p.annotator,
+                label=p.label,
+                kind=p.kind,  # type: ignore[arg-type]
+                coords=tuple(float(c) for c in coords),  # type: ignore[arg-type]
+                positive=True if p.positive is None else bool(p.positive),
+            )
+        )
+    return dict(grouped)
+
+
+def _load_inputs(segmentation_id: int, params: SegmentationParams) -> _Inputs:
+    """Everything the engine needs: the volume, the window, label values and the prompts by slice."""
     with session_scope() as session:
         repo = SegmentationRepository(session)
         row = session.get(Segmentation, segmentation_id)
@@ -116,18 +133,7 @@ def _load_inputs(segmentation_id: int, params: SegmentationParams) -> _Inputs:
         if volume is None or dataset is None:
             raise LookupError(f"segmentation {segmentation_id}: its volume was deleted")
         labels = list(params.labels) if params.labels is not None else repo.prompted_labels(volume.id)
-        grouped: dict[int, list[PromptIn]] = defaultdict(list)
-        for p in repo.prompts(volume.id, labels):
-            coords = (p.x0, p.y0, p.x1, p.y1) if p.kind == "box" else (p.x0, p.y0)
-            grouped[int(p.slice_index)].append(
-                PromptIn(
-                    annotator=p.annotator,
-                    label=p.label,
-                    kind=p.kind,  # type: ignore[arg-type]
-                    coords=tuple(float(c) for c in coords),  # type: ignore[arg-type]
-                    positive=True if p.positive is None else bool(p.positive),
-                )
-            )
+        grouped = prompts_by_slice(repo, volume.id, labels)
         views: dict[int, set[str]] = defaultdict(set)
         for annotator, k in PromptRepository(session).views(volume.id):
             views[int(k)].add(annotator)

@@ -34,10 +34,20 @@ from app.core.config import get_settings
 from app.imaging.coords import display_slice, display_to_canonical_slice
 from workers.sam import fusion
 from workers.sam.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
-from workers.sam.cache import ArrayCache
+from workers.sam.cache import ArrayCache, make_key
+from workers.sam.decode import DecodePrompt
 from workers.sam.fusion import Reliability
 from workers.sam.models import LoadedModel, load_model
-from workers.sam.plan import ModelIdentity, PromptIn, SlicePlan, embedding_key, plan, slice_digest
+from workers.sam.plan import (
+    ENGINE_VERSION,
+    ModelIdentity,
+    PromptIn,
+    SlicePlan,
+    decode_items,
+    embedding_key,
+    plan,
+    slice_digest,
+)
 from workers.sam.timing import StageTimer
 
 __all__ = ["PRECISIONS", "Embedder", "PromptIn", "SegmentationEngine", "SegmentationOutput", "get_engine"]
@@ -170,6 +180,8 @@ class SegmentationEngine:
                                      max_bytes=settings.embedding_cache_bytes)
         self.decoded = ArrayCache(root / "decoded", max_entries=4096,
                                   max_bytes=max(settings.embedding_cache_bytes // 8, 1))
+        self.prompt_masks = ArrayCache(root / "prompts", max_entries=4096,
+                                       max_bytes=max(settings.embedding_cache_bytes // 4, 1))
         kind = resolve_backend(backend or settings.backend, self.device)
         self.backend: Backend = TorchBackend(self.model, self.device, self.precision) if kind == "torch" else (
             OnnxBackend.export(self.model, Path(onnx_dir or settings.onnx_dir or root / "onnx"), self.weights_id,
@@ -248,7 +260,8 @@ class SegmentationEngine:
                method: str, reliability: Mapping[str, Reliability] | None, timer: StageTimer,
                ready: Mapping[str, torch.Tensor],
                ) -> tuple[npt.NDArray[np.integer], dict[str, dict[str, object]], int]:
-        """One slice's label map and stats, and 1 when it was decoded now (0: decode cache)."""
+        """One slice's label map and stats, and 1 when the decoder ran for it now (0: every prompt's output,
+        or the fused slice, came from a cache)."""
         shape = slice_plan.display.shape[:2]
         if not slice_plan.items:  # only negative points outside any box: nothing to decode
             return np.zeros(shape, dtype=np.int64), {}, 0
@@ -256,11 +269,8 @@ class SegmentationEngine:
             record = self.decoded.get(slice_plan.decoded_key)
         if record is not None:
             return record["labels"], json.loads(bytes(record["stats"]).decode()), 0
-        embedding = ready.get(slice_plan.embedding_key)
-        if embedding is None:
-            embedding = self.embedder.embed(slice_plan.embedding_key, slice_plan.display, window, timer)
-        with timer.stage("decoder"):
-            probs, masks = self.backend.decode(embedding, [i.prompt for i in slice_plan.items], (shape[0], shape[1]))
+        probs, masks, fresh = self._prompt_masks(slice_plan.embedding_key, slice_plan.display,
+                                                 [i.prompt for i in slice_plan.items], window, timer, ready)
         with timer.stage("fusion"):
             label_map, stats = fusion.fuse_slice(
                 [(i.label, i.annotator) for i in slice_plan.items], probs, masks, voters=slice_plan.voters,
@@ -268,7 +278,56 @@ class SegmentationEngine:
         with timer.stage("cache"):
             payload = np.frombuffer(json.dumps(stats, sort_keys=True).encode(), dtype=np.uint8)
             self.decoded.put(slice_plan.decoded_key, {"labels": label_map.astype(np.uint16), "stats": payload})
-        return label_map, stats, 1
+        return label_map, stats, fresh
+
+
+    def _prompt_masks(self, embedding_key: str, display: npt.NDArray[np.generic], prompts: list[DecodePrompt],
+                      window: tuple[float, float], timer: StageTimer, ready: Mapping[str, torch.Tensor],
+                      ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], int]:
+        """Each prompt's decoder output from the prompt cache, decoding (and caching) only the missing ones;
+        a slice whose prompts are all cached needs neither its embedding nor the decoder. The last value is
+        1 when the decoder ran."""
+        keys = [prompt_key(embedding_key, prompt) for prompt in prompts]
+        with timer.stage("cache"):
+            records = [self.prompt_masks.get(key) for key in keys]
+        missing = [i for i, record in enumerate(records) if record is None]
+        if missing:
+            embedding = ready.get(embedding_key)
+            if embedding is None:
+                embedding = self.embedder.embed(embedding_key, display, window, timer)
+            with timer.stage("decoder"):
+                probs, masks = self.backend.decode(embedding, [prompts[i] for i in missing], display.shape[:2])
+            with timer.stage("cache"):
+                for j, i in enumerate(missing):
+                    record = {"probs": probs[j], "mask": masks[j]}
+                    self.prompt_masks.put(keys[i], record)
+                    records[i] = record
+        return (np.stack([r["probs"] for r in records if r is not None]),
+                np.stack([r["mask"] for r in records if r is not None]), int(bool(missing)))
+
+    def predecode(self, canonical: npt.NDArray[np.generic], *, window: tuple[float, float], image_id: str,
+                  prompts: Mapping[int, list[PromptIn]]) -> int:
+        """Decode and cache every prompt not decoded yet (the background job while the crowd draws), so
+        a later request only fuses; returns how many slices needed the decoder now."""
+        with self._lock:
+            window = (float(window[0]), float(window[1]))
+            identity, timer, decoded = self.identity(window), StageTimer(*STAGES), 0
+            for k, slice_prompts in sorted(prompts.items()):
+                if not 0 <= k < canonical.shape[2]:
+                    raise ValueError(f"slice {k} is outside the volume's {canonical.shape[2]} axial slices")
+                items = decode_items(slice_prompts)
+                if not items:
+                    continue
+                display = display_slice(canonical, k)
+                key = embedding_key(identity, image_id, k, slice_digest(display))
+                decoded += self._prompt_masks(key, display, [i.prompt for i in items], window, timer, {})[2]
+            return decoded
+
+
+def prompt_key(embedding_key: str, prompt: DecodePrompt) -> str:
+    """One prompt's decoder output: its slice's embedding (pixels, model, preprocessing, backend) + the prompt."""
+    return make_key(kind="prompt", embedding=embedding_key, box=prompt.box, points=prompt.points,
+                    labels=prompt.point_labels, version=ENGINE_VERSION)
 
 
 _engines: dict[str, SegmentationEngine] = {}
