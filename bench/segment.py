@@ -6,13 +6,15 @@ decoder seconds, the ratio total / pure encoder (target <= 1.15 on CPU for the d
 the decoder's ms per box; the per-slice Dice between the backends' masks. Then, on the default
 backend (``CROWDSAM_BACKEND``, auto = ONNX Runtime on CPU): the rerun after one new box (encodes 0,
 decodes 1), the naive pipeline that re-encodes the slice per box (same masks, asserted), request →
-mask cold vs after the crowd round's pre-encoding (``SegmentationEngine.preencode``, what the
-``preencode`` queue runs), decoder ms/box per chunk size (``--chunks``), the idle CPU of the loaded
+mask cold vs after the crowd round's pre-encoding (``SegmentationEngine.preencode``) and after
+pre-encoding plus pre-decoding (``SegmentationEngine.predecode``; both what the ``preencode`` queue
+runs while the crowd draws), decoder ms/box per chunk size (``--chunks``), the idle CPU of the loaded
 engine over 30 s, per-organ Dice against the reference masks, and as its last line
 
     segment backend_speedup=S total_over_encoder=R request_to_mask_prewarmed_s=T idle_worker_cpu_pct=C
 
-with S = torch total / ONNX Runtime total (cold runs), R and T for the default backend.
+with S = torch total / ONNX Runtime total (cold runs), R and T (pre-encoded + pre-decoded) for the
+default backend.
 
     .venv/bin/python bench/segment.py [--slices N] [--naive-slices M] [--threads T] [--device cuda]
 """
