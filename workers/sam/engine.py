@@ -7,7 +7,8 @@ The engine reads as its stages (the MONAI Label shape: pre-transforms → infere
    the voters (everyone who saw it) and the two cache keys;
 2. **embed** (:class:`Embedder`): the slice's image embedding from the cache or ONE encoder pass of
    the backend (torch or ONNX Runtime, :mod:`workers.sam.backends`);
-3. **decode** (the backend's ``decode``): all prompts of the slice, batched by token layout;
+3. **decode**: each prompt's decoder output from the prompt cache, the missing ones through the
+   backend's ``decode``, batched by token layout (``predecode`` fills the cache while the crowd draws);
 4. **fuse** (:func:`workers.sam.fusion.fuse_slice`): per label, voters fused with negative evidence,
    overlaps resolved by model probability;
 5. **place**: the display label map back on the canonical grid (``display_to_canonical_slice``).
