@@ -31,40 +31,13 @@ from app.core.runtime import configure_process  # noqa: E402
 
 configure_process(runs_models=True)  # before torch loads OpenMP
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from app.imaging.coords import Orientation, display_slice  # noqa: E402
-from app.prompts.simulate import simulate_crowd  # noqa: E402
-from workers.sam.engine import PromptIn, SegmentationEngine  # noqa: E402
+from app.imaging.coords import display_slice  # noqa: E402
+from bench.segment import LABELS, WINDOW, agreement, example_ct_crowd, sync  # noqa: E402
+from workers.sam.engine import SegmentationEngine  # noqa: E402
 from workers.sam.models import LoadedModel, build_architecture, load_model, wrap_model  # noqa: E402
-
-CT = ROOT / "data" / "samples" / "totalsegmentator"
-LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "aorta": 52}
-WINDOW = (40.0, 400.0)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def crowd(slices: int) -> tuple[np.ndarray, dict[int, list[PromptIn]]]:
-    img = nib.load(CT / "example_ct.nii.gz")
-    ref_img = nib.load(CT / "example_seg_fast_force_split.nii.gz")
-    orientation = Orientation.from_affine(img.affine, img.shape)
-    canonical = np.asarray(orientation.canonical(np.asanyarray(img.dataobj)))
-    raw = np.asarray(orientation.canonical(np.asanyarray(ref_img.dataobj).astype(np.int16)))
-    ref = np.where(np.isin(raw, list(LABELS.values())), raw, 0).astype(np.uint8)
-    simulated = simulate_crowd(ref, LABELS, annotators=3, jitter=0.05, coverage=1.0, seed=0)
-    prompts: dict[int, list[PromptIn]] = {}
-    for b in simulated.boxes:
-        prompts.setdefault(b.k, []).append(PromptIn(f"annotator{b.annotator}", b.label, "box", b.box))
-    ordered = sorted(prompts)
-    if slices and slices < len(ordered):
-        ordered = [ordered[i] for i in sorted(set(np.linspace(0, len(ordered) - 1, slices).round().astype(int)))]
-    return canonical, {k: prompts[k] for k in ordered}
 
 
 def build(name: str, device: torch.device) -> tuple[LoadedModel, str]:
@@ -83,16 +56,6 @@ def encoder_rate(engine: SegmentationEngine, displays: list[np.ndarray]) -> tupl
         engine.backend.encode_batch(displays[start:start + batch], WINDOW)
     sync(engine.device)
     return len(displays) / (time.perf_counter() - t), batch
-
-
-def per_slice_dice(a: np.ndarray, b: np.ndarray, slices: list[int]) -> list[float]:
-    scores = []
-    for k in slices:
-        for value in LABELS.values():
-            x, y = a[:, :, k] == value, b[:, :, k] == value
-            if x.any() or y.any():
-                scores.append(2 * float((x & y).sum()) / float(x.sum() + y.sum()))
-    return scores
 
 
 def main() -> None:
@@ -121,7 +84,8 @@ def main() -> None:
           f"{'slices':>7}{'boxes':>6}{'dec ms/box':>11}  Dice vs fp32 (min / mean)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            canonical, prompts = crowd(args.slices if name == "litemedsam" else args.vit_slices)
+            wanted = args.slices if name == "litemedsam" else args.vit_slices
+            canonical, _, prompts = example_ct_crowd(slices=wanted)
             organ = sorted(prompts)
             pick = np.linspace(organ[0], organ[-1], args.encoder_slices if name == "litemedsam"
                                else min(args.encoder_slices, 32)).round().astype(int)
@@ -141,15 +105,15 @@ def main() -> None:
                                      label_values=LABELS)
                 sync(device)
                 total = out.timings["total_s"]
-                agreement = "-"
+                versus_fp32 = "-"
                 if name == "litemedsam":
                     if precision == "fp32":
                         reference = out.labels
                     elif reference is not None:
-                        scores = per_slice_dice(reference, out.labels, organ)
-                        agreement = f"{min(scores):.4f} / {np.mean(scores):.4f} over {len(scores)}"
+                        scores = agreement(reference, out.labels, organ)
+                        versus_fp32 = f"{min(scores):.4f} / {np.mean(scores):.4f} over {len(scores)}"
                 print(f"  {name:<11}{weights:<30}{precision:<6}{batch:>6}{rate:>13.1f}{len(prompts) / total:>12.1f}"
-                      f"{len(prompts):>7}{boxes:>6}{out.timings['decoder_s'] / boxes * 1000:>11.2f}  {agreement}",
+                      f"{len(prompts):>7}{boxes:>6}{out.timings['decoder_s'] / boxes * 1000:>11.2f}  {versus_fp32}",
                       flush=True)
             del model
             if device.type == "cuda":

@@ -63,6 +63,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def example_ct_crowd(annotators: int = 3, jitter: float = 0.05, seed: int = 0, slices: int = 0,
+                     ) -> tuple[np.ndarray, np.ndarray, dict[int, list[PromptIn]]]:
+    """example_ct on the canonical grid, its reference (the five organs) and a simulated crowd's boxes by
+    slice; ``slices`` > 0 keeps that many prompted slices, evenly spread over the organ range."""
+    img = nib.load(CT / "example_ct.nii.gz")
+    ref_img = nib.load(CT / "example_seg_fast_force_split.nii.gz")
+    orientation = Orientation.from_affine(img.affine, img.shape)
+    canonical = np.asarray(orientation.canonical(np.asanyarray(img.dataobj)))
+    raw_ref = np.asarray(orientation.canonical(np.asanyarray(ref_img.dataobj).astype(np.int16)))
+    ref = np.where(np.isin(raw_ref, list(LABELS.values())), raw_ref, 0).astype(np.uint8)
+    crowd = simulate_crowd(ref, LABELS, annotators=annotators, jitter=jitter, coverage=1.0, seed=seed)
+    prompts: dict[int, list[PromptIn]] = {}
+    for b in crowd.boxes:
+        prompts.setdefault(b.k, []).append(PromptIn(f"annotator{b.annotator}", b.label, "box", b.box))
+    ordered = sorted(prompts)
+    if slices and slices < len(ordered):
+        picks = np.linspace(0, len(ordered) - 1, slices).round().astype(int)
+        ordered = [ordered[i] for i in sorted(set(picks.tolist()))]
+    return canonical, ref, {k: prompts[k] for k in ordered}
+
+
 def naive(engine: SegmentationEngine, canonical: np.ndarray, prompts: dict[int, list[PromptIn]]) -> np.ndarray:
     """The anchors' habit: encode the slice again for every box, decode box by box; same fusion."""
     out = np.zeros(canonical.shape, dtype=np.uint8)
@@ -196,23 +217,8 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle CPU measured over this long")
     args = parser.parse_args()
 
-    img = nib.load(CT / "example_ct.nii.gz")
-    ref_img = nib.load(CT / "example_seg_fast_force_split.nii.gz")
-    orientation = Orientation.from_affine(img.affine, img.shape)
-    canonical = np.asarray(orientation.canonical(np.asanyarray(img.dataobj)))
-    raw_ref = np.asarray(orientation.canonical(np.asanyarray(ref_img.dataobj).astype(np.int16)))
-    ref = np.where(np.isin(raw_ref, list(LABELS.values())), raw_ref, 0).astype(np.uint8)
-
-    crowd = simulate_crowd(ref, LABELS, annotators=args.annotators, jitter=args.jitter, coverage=1.0,
-                           seed=args.seed)
-    prompts: dict[int, list[PromptIn]] = {}
-    for b in crowd.boxes:
-        prompts.setdefault(b.k, []).append(PromptIn(f"annotator{b.annotator}", b.label, "box", b.box))
+    canonical, ref, prompts = example_ct_crowd(args.annotators, args.jitter, args.seed, args.slices)
     slices = sorted(prompts)
-    if args.slices and args.slices < len(slices):  # evenly spread over the organ range, not its first slices
-        picks = np.linspace(0, len(slices) - 1, args.slices).round().astype(int)
-        slices = [slices[i] for i in sorted(set(picks.tolist()))]
-    prompts = {k: prompts[k] for k in slices}
     n_boxes = sum(len(v) for v in prompts.values())
 
     with tempfile.TemporaryDirectory() as tmp:
