@@ -28,6 +28,7 @@ class Dataset(TimestampMixin, Base):
     task_max_views: Mapped[int | None] = mapped_column(Integer, default=None)
     task_min_agreement: Mapped[float | None] = mapped_column(Float, default=None)
     task_gold_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    label_codes: Mapped[dict[str, Any] | None] = mapped_column(JSONB, default=None)  # coded concepts per label
 
     @property
     def window(self) -> dict[str, Any]:

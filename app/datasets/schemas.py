@@ -6,6 +6,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RESERVED_LABELS = {"background", "ignore"}
+LABEL_CODES_DOC = (
+    "label name → coded concept {scheme, code, meaning} for DICOM SEG (e.g. {'spleen': {'scheme': 'SCT', "
+    "'code': '78961009', 'meaning': 'Spleen'}}); adds to and overrides crowdsam's built-in SNOMED CT table"
+)
 
 
 class Window(BaseModel):
@@ -48,6 +52,35 @@ class TaskPolicy(BaseModel):
     gold_rate: float
 
 
+class LabelCode(BaseModel):
+    """A coded concept for a label in DICOM SEG exports, e.g. SCT 78961009 "Spleen"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: str = Field(min_length=1, max_length=16, description="coding scheme, e.g. 'SCT'")
+    code: str = Field(min_length=1, max_length=64, description="code value, e.g. '78961009'")
+    meaning: str = Field(min_length=1, max_length=64, description="code meaning, e.g. 'Spleen'")
+
+    @field_validator("scheme", "code", "meaning")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain a backslash or control characters (DICOM text)")
+        return value
+
+
+LabelCodes = dict[str, LabelCode]
+
+
+def check_label_codes(codes: LabelCodes | None, labels: dict[str, int]) -> None:
+    """Every name in ``codes`` must be a label of the dataset."""
+    unknown = sorted(set(codes or {}) - set(labels))
+    if unknown:
+        raise ValueError(f"label_codes names {unknown}, which are not labels of the dataset (has: {sorted(labels)})")
+
+
 class DatasetCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     labels: dict[str, int] = Field(description="label name → positive integer value, e.g. {'spleen': 1}")
@@ -62,6 +95,7 @@ class DatasetCreate(BaseModel):
         default_factory=list, max_length=1000,
         description="names of annotator tokens that may label this dataset (more: PUT .../members/{name})")
     tasks: TaskPolicyIn = Field(default_factory=TaskPolicyIn, description="task assignment (GET /tasks/next)")
+    label_codes: LabelCodes | None = Field(default=None, max_length=1000, description=LABEL_CODES_DOC)
 
     @field_validator("labels")
     @classmethod
@@ -88,6 +122,7 @@ class DatasetCreate(BaseModel):
                 raise ValueError(f"prompt class {key!r} must be a non-negative integer")
             if name not in self.labels:
                 raise ValueError(f"prompt class {key} names unknown label {name!r}")
+        check_label_codes(self.label_codes, self.labels)
         return self
 
 
@@ -101,6 +136,7 @@ class DatasetOut(BaseModel):
     window: Window
     tasks_only: bool
     tasks: TaskPolicy
+    label_codes: dict[str, dict[str, str]] | None = Field(default=None, description="the dataset's own codes")
     created_at: datetime
 
 
@@ -108,6 +144,8 @@ class DatasetUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: TaskPolicyIn | None = Field(default=None, description="task assignment: given fields change")
+    label_codes: LabelCodes | None = Field(default=None, max_length=1000,
+                                           description=f"{LABEL_CODES_DOC}; replaces the table, null clears it")
 
 
 class MemberOut(BaseModel):

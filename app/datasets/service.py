@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -11,7 +13,14 @@ from app.core.errors import Conflict, Invalid, NotFound
 from app.datasets.access import add_member, forget_memberships
 from app.datasets.models import Dataset, DatasetMember, MemberRole
 from app.datasets.repository import DatasetRepository
-from app.datasets.schemas import DatasetCreate, DatasetUpdate, MemberOut, TaskPolicyIn
+from app.datasets.schemas import (
+    DatasetCreate,
+    DatasetUpdate,
+    LabelCodes,
+    MemberOut,
+    TaskPolicyIn,
+    check_label_codes,
+)
 
 
 def create_dataset(session: Session, body: DatasetCreate, creator: Principal) -> Dataset:
@@ -27,6 +36,7 @@ def create_dataset(session: Session, body: DatasetCreate, creator: Principal) ->
         window_level=body.window.level,
         window_width=body.window.width,
         tasks_only=body.tasks_only,
+        label_codes=_codes(body.label_codes),
     )
     set_task_policy(dataset, body.tasks)
     try:
@@ -50,11 +60,21 @@ def set_task_policy(dataset: Dataset, policy: TaskPolicyIn) -> None:
 
 
 def update_dataset(session: Session, dataset: Dataset, body: DatasetUpdate) -> Dataset:
-    """Change a dataset's settings (today: its task policy)."""
+    """Change a dataset's settings: its task policy, its label codes (given → replaced, null → cleared)."""
     if body.tasks is not None:
         set_task_policy(dataset, body.tasks)
+    if "label_codes" in body.model_fields_set:
+        try:
+            check_label_codes(body.label_codes, dataset.labels)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from exc
+        dataset.label_codes = _codes(body.label_codes)
     session.flush()
     return dataset
+
+
+def _codes(codes: LabelCodes | None) -> dict[str, Any] | None:
+    return None if codes is None else {name: code.model_dump() for name, code in codes.items()}
 
 
 def _token(session: Session, name: str, role: Role | None = None) -> ApiToken:

@@ -34,6 +34,7 @@ class ExportParams(BaseModel):
     derived: Literal["ignore", "known"] = "ignore"  # gap-filled slices under unprompted="ignore"
     include_test: bool
     cases: list[ExportCase]
+    mask_formats: tuple[Literal["nifti", "dicom-seg"], ...] = ("nifti",)  # + dicom_seg/{case}.dcm
 
 
 KIND = register(JobKind(

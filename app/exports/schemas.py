@@ -26,6 +26,19 @@ class ExportCreate(BaseModel):
         "with unprompted='ignore': gap-filled slices of segmentations made with fill_gaps (derived boxes, no "
         "crowd vote) stay 'ignore' (default) or count as 'known' with their derived labels"))
     include_test: bool = True
+    mask_formats: list[Literal["nifti", "dicom-seg"]] = Field(
+        default=["nifti"], min_length=1, max_length=2,
+        description="label files written: 'nifti' (nnU-Net's labelsTr/labelsTs, always) and optionally "
+                    "'dicom-seg': a DICOM Segmentation per labelled case in dicom_seg/{case}.dcm beside them")
+
+    @field_validator("mask_formats")
+    @classmethod
+    def _mask_formats(cls, value: list[str]) -> list[str]:
+        if "nifti" not in value:
+            raise ValueError("mask_formats must include 'nifti' (the nnU-Net layout is always written)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"mask_formats {value} repeats a format")
+        return value
 
     @field_validator("dataset_number")
     @classmethod

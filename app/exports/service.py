@@ -2,7 +2,8 @@
 
 A request is refused (422) when nnU-Net would refuse the result or when labels are missing:
 reserved dataset numbers, bad folder names, a train case without a reference (label_source
-reference) or without a finished segmentation of the model (label_source segmentation).
+reference) or without a finished segmentation of the model (label_source segmentation), and, with
+``mask_formats`` 'dicom-seg', a dataset label without a coded concept (built-in or ``label_codes``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from app.exports.jobs import KIND, ExportCase, ExportParams
 from app.exports.models import Export
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.exports.schemas import DATASET_NAME_PATTERN, ExportCreate, ExportFile, ExportOut
+from app.imaging import dicom_seg
 from app.jobs.states import JobStatus
 from app.jobs.submit import stopping
 from app.segmentations import registry
@@ -79,6 +81,11 @@ def create_export(session: Session, dataset: Dataset, body: ExportCreate, princi
         if partial:
             raise Invalid(f"segmentations must cover every label of the dataset: {'; '.join(partial)}")
     cases += [ExportCase(volume_id=v.id, case_id=v.case_id, split="test") for v in test]
+    if "dicom-seg" in body.mask_formats:
+        try:  # any label may occur in a case: every label needs a code
+            dicom_seg.resolve_codes(list(dataset.labels), dataset.label_codes)
+        except dicom_seg.MissingLabelCodes as exc:
+            raise Invalid(f"mask_formats 'dicom-seg': {exc}") from exc
     params = ExportParams(
         **{**body.model_dump(), "dataset_name": name, "model": model},
         folder=f"Dataset{body.dataset_number:03d}_{name}",

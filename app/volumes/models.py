@@ -29,6 +29,12 @@ class Volume(TimestampMixin, Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     reference_labels: Mapped[list[str] | None] = mapped_column(JSONB, default=None)
+    # Where the image came from: 'nifti' as uploaded, or 'dicom' (a series converted to NIfTI on upload).
+    source_format: Mapped[str] = mapped_column(String(10), default="nifti", server_default="nifti")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    dicom_key: Mapped[str | None] = mapped_column(String(500), default=None)  # the series' headers (zip)
 
     @property
     def n_slices(self) -> int:

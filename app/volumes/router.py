@@ -18,6 +18,7 @@ from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
+from app.imaging import dicom
 from app.volumes import service, slices
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
@@ -48,6 +49,22 @@ def _spool(upload: UploadFile, directory: Path, name: str) -> service.UploadedFi
     return service.UploadedFile(target, upload.filename or "")
 
 
+def _head(upload: UploadFile) -> bytes:
+    upload.file.seek(0)
+    head = upload.file.read(132)
+    upload.file.seek(0)
+    return head
+
+
+def _spool_raw(upload: UploadFile, target: Path) -> service.UploadedFile:
+    """Copy the upload to ``target`` as it is, 1 MiB at a time (a DICOM part or zip)."""
+    upload.file.seek(0)
+    with target.open("wb") as out:
+        while chunk := upload.file.read(1 << 20):
+            out.write(chunk)
+    return service.UploadedFile(target, upload.filename or target.name)
+
+
 @router.post(
     "/datasets/{dataset_id}/volumes",
     response_model=VolumeOut,
@@ -59,7 +76,9 @@ def upload_volume(
     dataset_id: Id,
     session: SessionDep,
     _: Staff,
-    image: Annotated[UploadFile, File(description="CT volume, .nii or .nii.gz")],
+    image: Annotated[list[UploadFile], File(description=(
+        "CT volume: one .nii/.nii.gz file, or a DICOM CT series as one zip or as several 'image' parts "
+        "(one file per slice)"))],
     case_id: Annotated[str, Form()],
     split: Annotated[Split, Form()] = "train",
     reference: Annotated[UploadFile | None, File(description="label map on the image's geometry")] = None,
@@ -70,7 +89,16 @@ def upload_volume(
         str | None, Form(description="'background' drops reference values not in reference_map")
     ] = None,
 ) -> VolumeOut:
-    """Upload a CT volume (and optionally its reference label map); everything is validated first."""
+    """Upload a CT volume (and optionally its reference label map); everything is validated first.
+
+    ``image`` is a NIfTI file (``.nii``/``.nii.gz``), or one DICOM CT series: a zip of its files or each
+    slice as its own ``image`` part. A series is checked from its headers (one SeriesInstanceUID,
+    Modality CT, parallel slices of one size, evenly spaced along their normal: no missing or duplicate
+    slice) and converted to NIfTI as SimpleITK's ImageSeriesReader reads it (voxel (i, j, k) = column i,
+    row j of the k-th slice along the normal; values × RescaleSlope + RescaleIntercept). The volume keeps
+    the series' Study/Series/Frame-of-Reference UIDs; ``reference`` is then a NIfTI label map on the
+    converted geometry. A single DICOM file is not a volume (422).
+    """
     dataset = DatasetRepository(session).get(dataset_id)
     if reference_other not in (None, "", "background"):
         raise Invalid("reference_other: the only accepted value is 'background'")
@@ -80,9 +108,27 @@ def upload_volume(
         mapping=service.parse_reference_map(reference_map, dataset),
         other_to_background=reference_other == "background",
     )
+    if not image:
+        raise Invalid("image: no file given")
     with tempfile.TemporaryDirectory() as tmp:
-        image_file = _spool(image, Path(tmp), "image")
         ref_file = _spool(reference, Path(tmp), "reference") if reference is not None else None
+        heads = [_head(part) for part in image]
+        if len(image) > 1 or heads[0].startswith(dicom.ZIP_MAGIC):
+            if len(image) > 1 and any(h.startswith(dicom.ZIP_MAGIC) for h in heads):
+                raise Invalid("image: send a DICOM series either as one zip or as several DICOM files, not both")
+            parts = Path(tmp) / "dicom"
+            parts.mkdir()
+            files = [_spool_raw(part, parts / f"{n:05d}") for n, part in enumerate(image)]
+            volume = service.upload_dicom_volume(
+                session, get_storage(), dataset, files=files, case_id=case_id, split=split,
+                reference=ref_file, reference_options=options,
+            )
+            return volume_out(volume)
+        name = (image[0].filename or "").lower()
+        if not name.endswith(service.NIFTI_SUFFIXES) and heads[0][128:132] == dicom.DICOM_MAGIC:
+            raise Invalid("image: a single DICOM file is not a volume; upload the whole series "
+                          "(one zip, or each slice as its own 'image' part)")
+        image_file = _spool(image[0], Path(tmp), "image")
         volume = service.upload_volume(
             session,
             get_storage(),

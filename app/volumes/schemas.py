@@ -26,6 +26,11 @@ class VolumeOut(BaseModel):
     dtype: str
     has_reference: bool
     reference_labels: list[str] | None = Field(description="labels present in the reference map")
+    source_format: Literal["nifti", "dicom"] = Field(
+        description="'dicom': converted from a DICOM series on upload (the image is that NIfTI)")
+    study_instance_uid: str | None = Field(default=None, description="the source series' StudyInstanceUID")
+    series_instance_uid: str | None = Field(default=None, description="the source series' SeriesInstanceUID")
+    frame_of_reference_uid: str | None = Field(default=None, description="the source series' FrameOfReferenceUID")
     sha256: str
     size_bytes: int
     created_at: datetime

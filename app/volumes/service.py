@@ -26,7 +26,7 @@ from app.core.errors import Conflict, Invalid, PayloadTooLarge
 from app.core.hashing import sha256_file
 from app.core.storage import Storage
 from app.datasets.models import Dataset
-from app.imaging import nifti
+from app.imaging import dicom, nifti
 from app.imaging.coords import Orientation, orientation_codes
 from app.imaging.labelmaps import save_label_map
 from app.imaging.nifti import (
@@ -55,6 +55,14 @@ BASE_BYTES = 4 * MiB  # the request's own objects (measured ≤ 2 MiB)
 class UploadedFile:
     path: Path
     filename: str
+
+
+@dataclass
+class DicomSource:
+    """A volume converted from a DICOM series: what it keeps of the series, and the headers zip to store."""
+
+    info: dicom.SeriesInfo
+    headers_zip: Path
 
 
 @dataclass
@@ -223,16 +231,11 @@ def upload_volume(
     split: str,
     reference: UploadedFile | None,
     reference_options: ReferenceOptions,
+    dicom_source: DicomSource | None = None,
 ) -> Volume:
+    """Validate a NIfTI image (and reference), store its files and add the row (committed by the caller)."""
     settings = get_settings()
-    if not re.fullmatch(CASE_ID_PATTERN, case_id):
-        raise Invalid(f"case_id {case_id!r}: use 1-100 letters, digits, '_', '-', '.' (starting alphanumeric)")
-    if split not in ("train", "test"):
-        raise Invalid(f"split {split!r}: must be 'train' or 'test'")
-    repo = VolumeRepository(session)
-    if repo.by_case(dataset.id, case_id) is not None:
-        raise Conflict(f"case_id {case_id!r} already exists in dataset {dataset.id}")
-
+    repo = _check_case(session, dataset, case_id, split)
     _check_filename(image, "image")
     budget = settings.upload_memory_bytes
     header = read_header(image.path, "image", max_voxels=settings.max_voxels, max_dim=settings.max_dim)
@@ -257,9 +260,14 @@ def upload_volume(
             del labels
         try:
             with session.begin_nested():  # a concurrent upload may take the case id between check and insert
-                volume = repo.add(
-                    _volume_row(dataset, case_id, split, image, header, orientation, canonical_shape, present)
-                )
+                row = _volume_row(dataset, case_id, split, image, header, orientation, canonical_shape, present)
+                if dicom_source is not None:
+                    info = dicom_source.info
+                    row.source_format = "dicom"
+                    row.study_instance_uid = info.study_instance_uid
+                    row.series_instance_uid = info.series_instance_uid
+                    row.frame_of_reference_uid = info.frame_of_reference_uid
+                volume = repo.add(row)
         except IntegrityError as exc:
             raise Conflict(f"case_id {case_id!r} already exists in dataset {dataset.id}") from exc
         prefix = f"volumes/{volume.id}"
@@ -272,6 +280,9 @@ def upload_volume(
             if present is not None:
                 volume.reference_key = f"{prefix}/reference.nii.gz"
                 storage.put_file(volume.reference_key, reference_path)
+            if dicom_source is not None:
+                volume.dicom_key = f"{prefix}/dicom/headers.zip"
+                storage.put_file(volume.dicom_key, dicom_source.headers_zip)
             session.flush()
         except BaseException:
             storage.delete_prefix(prefix)
@@ -279,6 +290,56 @@ def upload_volume(
     if PromptRepository(session).dataset_has_answers(dataset.id):  # the crowd will get these slices soon
         preencode.request_after_commit(session, volume.id, range(volume.n_slices))
     return volume
+
+
+def _check_case(session: Session, dataset: Dataset, case_id: str, split: str) -> VolumeRepository:
+    if not re.fullmatch(CASE_ID_PATTERN, case_id):
+        raise Invalid(f"case_id {case_id!r}: use 1-100 letters, digits, '_', '-', '.' (starting alphanumeric)")
+    if split not in ("train", "test"):
+        raise Invalid(f"split {split!r}: must be 'train' or 'test'")
+    repo = VolumeRepository(session)
+    if repo.by_case(dataset.id, case_id) is not None:
+        raise Conflict(f"case_id {case_id!r} already exists in dataset {dataset.id}")
+    return repo
+
+
+def upload_dicom_volume(
+    session: Session,
+    storage: Storage,
+    dataset: Dataset,
+    *,
+    files: list[UploadedFile],
+    case_id: str,
+    split: str,
+    reference: UploadedFile | None,
+    reference_options: ReferenceOptions,
+) -> Volume:
+    """A CT series (one zip, or its slices as files) → NIfTI, then the NIfTI upload path above.
+
+    The stored image is the converted NIfTI (voxel (i, j, k) = column i, row j of slice k, as SimpleITK
+    writes a series); the series' headers without pixels go to ``volumes/{id}/dicom/headers.zip``.
+    """
+    settings = get_settings()
+    _check_case(session, dataset, case_id, split)
+    with tempfile.TemporaryDirectory(prefix="crowdsam-dicom-") as tmp:
+        work = Path(tmp)
+        if len(files) == 1 and dicom.is_zip(files[0].path):
+            unpacked = work / "unpacked"
+            unpacked.mkdir()
+            members = dicom.extract_zip(files[0].path, unpacked, max_bytes=settings.max_upload_bytes)
+        elif len(files) > 1:
+            members = [(f.path, f.filename or f.path.name) for f in files]
+        else:
+            raise Invalid("image: a single DICOM file is not a volume; upload the whole series "
+                          "(one zip, or each slice as its own 'image' part)")
+        nifti_path, headers_zip = work / "image.nii.gz", work / "headers.zip"
+        info = dicom.read_series(members, nifti_path, headers_zip, max_voxels=settings.max_voxels,
+                                 max_dim=settings.max_dim, memory_budget=settings.upload_memory_bytes)
+        return upload_volume(
+            session, storage, dataset, image=UploadedFile(nifti_path, "image.nii.gz"), case_id=case_id,
+            split=split, reference=reference, reference_options=reference_options,
+            dicom_source=DicomSource(info, headers_zip),
+        )
 
 
 def _volume_row(

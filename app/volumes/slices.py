@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from typing import Any
 
@@ -23,11 +22,9 @@ _lock = threading.Condition()  # concurrent misses of one key wait for the first
 
 @cachetools.cached(_cache, key=lambda storage, key: key, condition=_lock)
 def canonical_array(storage: Storage, key: str) -> npt.NDArray[Any]:
-    """The canonical volume, memory-mapped when local; a small LRU keeps recent volumes open."""
-    if storage.is_local:
-        with storage.local_copy(key) as path:
-            return np.load(path, mmap_mode="r")
-    return np.load(io.BytesIO(storage.read_bytes(key)))
+    """The canonical volume, memory-mapped (a remote store's object from this host's mirror copy), so a slice
+    reads one slice; a small LRU keeps recent volumes open."""
+    return np.load(storage.mirror(key), mmap_mode="r")
 
 
 def forget(key: str) -> None:
