@@ -12,6 +12,7 @@ from sqlalchemy import text
 from app.core.admission import Admission, exempt
 from app.core.db import get_engine
 from app.core.redis import get_redis
+from app.core.storage import StorageUnavailable, get_storage
 
 router = APIRouter(tags=["health"])
 
@@ -45,6 +46,13 @@ def _backing_services() -> dict[str, str]:
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
+        try:
+            get_storage().check()
+            checks["storage"] = "ok"
+        except StorageUnavailable as exc:
+            checks["storage"] = f"error: {exc}"
+        except Exception as exc:
+            checks["storage"] = f"error: {type(exc).__name__}"
         _last_check = (time.monotonic(), checks)
         return checks
 
@@ -55,7 +63,8 @@ def _backing_services() -> dict[str, str]:
 )
 @exempt
 def readyz(request: Request) -> JSONResponse:
-    """PostgreSQL and Redis are reachable and the API is not shedding load (admission state included)."""
+    """PostgreSQL, Redis and the artefact store are reachable and the API is not shedding load (admission state
+    included)."""
     checks = _backing_services()
     admission: Admission = request.app.state.admission
     if any(v != "ok" for v in checks.values()):

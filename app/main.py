@@ -24,6 +24,8 @@ from app.core.config import get_settings
 from app.core.errors import CrowdsamError
 from app.core.headers import SecurityHeadersMiddleware, redact_access_log
 from app.core.limits import BodySizeLimitMiddleware
+from app.core.logs import RequestIdMiddleware, current_request_id
+from app.core.metrics import HTTPMetricsMiddleware
 from app.core.responses import API_ERRORS, errors
 from app.crowd.router import router as crowd_router
 from app.datasets.access import dataset_access
@@ -31,6 +33,7 @@ from app.datasets.router import router as datasets_router
 from app.evaluations.router import router as evaluations_router
 from app.exports.router import router as exports_router
 from app.health import router as health_router
+from app.operations import router as operations_router
 from app.prompts.router import router as prompts_router
 from app.segmentations.router import router as segmentations_router
 from app.tasks.router import router as tasks_router
@@ -74,9 +77,12 @@ def create_app() -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        max_json_bytes=settings.max_json_bytes, router=app.router)  # per route kind
     app.add_middleware(AdmissionMiddleware, admission=admission, router=app.router)
-    app.add_middleware(SecurityHeadersMiddleware, hsts_seconds=settings.hsts_seconds)  # outermost: every answer
+    app.add_middleware(SecurityHeadersMiddleware, hsts_seconds=settings.hsts_seconds)  # every answer
+    app.add_middleware(HTTPMetricsMiddleware, router=app.router)  # counts 413/503 answers of the gates too
+    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of the request and every answer
     redact_access_log()  # a token in a query string never reaches uvicorn's access log
     app.include_router(health_router)
+    app.include_router(operations_router)  # GET /metrics (Prometheus, Staff token)
     app.include_router(web_router)  # browser pages (/annotate, /review/{id}) and their static assets
     for router in API_ROUTERS:
         app.include_router(router, prefix=API_PREFIX, responses=errors(*API_ERRORS),
@@ -128,7 +134,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+        return JSONResponse({"detail": "internal server error", "request_id": current_request_id()}, status_code=500)
 
     @app.exception_handler(OSError)
     async def os_error(request: Request, exc: OSError) -> JSONResponse:

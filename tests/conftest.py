@@ -128,9 +128,7 @@ def clean_state() -> Iterator[None]:
         for sequence in list(sequences):
             conn.execute(text(f'ALTER SEQUENCE "{sequence}" RESTART'))
     get_redis().flushdb()
-    storage = get_storage()
-    shutil.rmtree(storage.root, ignore_errors=True)
-    Path(storage.root).mkdir(parents=True, exist_ok=True)
+    get_storage().clear()  # the local store dir, or every object under an S3 store's prefix
     slices._cache.clear()
     yield
 

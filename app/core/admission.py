@@ -35,6 +35,7 @@ from starlette.routing import Router, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import Settings
+from app.core.routes import flat_routes, route_methods
 
 READS = frozenset({"GET", "HEAD", "OPTIONS"})  # the rest are writes: admitted first when requests queue
 PREBUFFER_BYTES = 1 << 20  # bodies up to this size are read before the request queues
@@ -200,9 +201,8 @@ def configure_threads(tokens: int) -> None:
 class RouteKinds:
     """Method + path → the admission class of the endpoint the router will pick (exempt when none).
 
-    Walks the app's routes once (FastAPI >= 0.16x keeps included routers as wrappers: their
-    ``effective_route_contexts`` give the full paths) and again when routes are added; answers are
-    cached per (method, path).
+    Walks the app's routes once (:func:`app.core.routes.flat_routes`) and again when routes are added; answers
+    are cached per (method, path).
     """
 
     def __init__(self, router: Router) -> None:
@@ -212,23 +212,8 @@ class RouteKinds:
         self._cache: dict[tuple[str, str], Kind] = {}
 
     def _build(self) -> None:
-        table: list[tuple[re.Pattern[str], frozenset[str] | None, Kind]] = []
-
-        def add(path: str | None, route: Any) -> None:
-            if path is None:
-                return
-            default = Kind.normal if isinstance(route, APIRoute) else Kind.exempt
-            kind = getattr(getattr(route, "endpoint", None), _ATTR, default)
-            methods = getattr(route, "methods", None)
-            table.append((compile_path(path)[0], frozenset(methods) if methods else None, kind))
-
-        for route in self.router.routes:
-            contexts = getattr(route, "effective_route_contexts", None)
-            if callable(contexts):
-                for context in contexts():
-                    add(context.path, context.original_route)
-            else:
-                add(getattr(route, "path", None), route)
+        routes = flat_routes(self.router)
+        table = [(compile_path(path)[0], route_methods(route), _kind(route)) for path, route in routes]
         self._table, self._built_for = table, len(self.router.routes)
         self._cache.clear()
 
@@ -243,6 +228,12 @@ class RouteKinds:
                 self._cache.clear()
             self._cache[(method, path)] = kind
         return kind
+
+
+def _kind(route: Any) -> Kind:
+    """An endpoint's admission class (``@heavy``/``@light`` mark it); exempt for mounts and static files."""
+    default = Kind.normal if isinstance(route, APIRoute) else Kind.exempt
+    return getattr(getattr(route, "endpoint", None), _ATTR, default)
 
 
 def unavailable_body(detail: str) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +21,14 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(
         default=None,
         alias="CROWDSAM_STORAGE_URL",
-        description="fsspec URL for artefacts; unset = <data_dir>/store",
+        description="fsspec URL for artefacts; unset = <data_dir>/store. s3://bucket/prefix = S3-compatible "
+                    "storage, endpoint and credentials from the standard AWS variables (AWS_ENDPOINT_URL, "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); the bucket must exist",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, alias="CROWDSAM_STORAGE_OPTIONS", repr=False,
+        description="JSON object of extra fsspec options for CROWDSAM_STORAGE_URL, e.g. "
+                    '{"client_kwargs": {"region_name": "eu-west-1"}}; not logged (it may hold secrets)',
     )
 
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, alias="CROWDSAM_MAX_UPLOAD_BYTES",
@@ -47,6 +54,9 @@ class Settings(BaseSettings):
                                                 "(prompts / other writes); 0 = no limit")
     rate_limit_burst: int = Field(default=60, ge=1, alias="CROWDSAM_RATE_LIMIT_BURST",
                                   description="writes a token may send at once above the sustained rate")
+    log_format: Literal["text", "json"] = Field(default="text", alias="CROWDSAM_LOG_FORMAT",
+                                                description="log lines on stderr: text (laptops) or JSON lines "
+                                                            "with request_id / job_id (app/core/logs.py)")
     hsts_seconds: int = Field(default=0, ge=0, alias="CROWDSAM_HSTS_SECONDS",
                               description="Strict-Transport-Security max-age on every response (0 = not sent; "
                                           "set it only when the API is served over HTTPS)")

@@ -15,13 +15,16 @@ and RQ is told not to retry; anything else (I/O, database, Redis, memory) → ``
 attempt count and the reason while RQ retries with backoff, ``failed`` when no retry is left.
 A worker that dies mid-job is noticed by RQ's started-job registry (see :mod:`app.jobs.reconcile`
 and ``workers.run``); :func:`job_failed` (the RQ failure callback) then updates the row the same way.
+
+Metrics: every attempt's outcome (finished, failed, canceled, retrying, abandoned) and run time, and what
+the handler added to ``context.metrics``, go to Redis in one pipeline at its end (:mod:`app.core.metrics`,
+best effort); log records inside carry the job id and kind (:mod:`app.core.logs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +41,8 @@ from sqlalchemy import update
 import app.models  # every table is known, so a job's flush can resolve its foreign keys
 from app.core.db import session_scope
 from app.core.errors import CrowdsamError, PermanentJobError
+from app.core.logs import job_context
+from app.core.metrics import JobMetrics
 from app.core.storage import Storage, get_storage
 from app.jobs.kinds import JobKind, get_kind, parse_job_id
 from app.jobs.states import JobStatus
@@ -65,6 +70,7 @@ class JobContext:
     params: Any  # the kind's pydantic model
     storage: Storage
     min_interval: float = DEFAULT_PROGRESS_INTERVAL_S
+    metrics: JobMetrics = field(default_factory=JobMetrics)  # the handler's numbers, flushed with the outcome
     _last_write: float = field(default=float("-inf"), repr=False)
 
     def check_cancel(self) -> None:
@@ -103,27 +109,40 @@ def row_and_dataset(session: Any, context: JobContext) -> tuple[Any, Any]:
 def run_job(kind_name: str, row_id: int, handler: Handler, *, storage: Storage | None = None) -> dict[str, Any]:
     """Run one attempt of the job on row ``row_id`` (see the module docstring)."""
     kind = get_kind(kind_name)
+    with job_context(kind.job_id(row_id), kind.name):
+        return _run(kind, row_id, handler, storage)
+
+
+def _run(kind: JobKind, row_id: int, handler: Handler, storage: Storage | None) -> dict[str, Any]:
     if not _start(kind, row_id):
         return {"job": kind.job_id(row_id), "status": "skipped"}
     started = time.perf_counter()
+    metrics, outcome = JobMetrics(), "failed"
     try:
         params = kind.validated_params(_row_snapshot(kind, row_id))
-        context = JobContext(kind, row_id, params, storage or get_storage())
+        context = JobContext(kind, row_id, params, storage or get_storage(), metrics=metrics)
         context.check_cancel()
         values = handler(context)
         context.check_cancel()
         _set(kind, row_id, status=JobStatus.finished, error=None, finished_at=_now(), **values)
+        outcome = "finished"
     except Canceled:
         _set(kind, row_id, status=JobStatus.canceled, error="canceled while running", finished_at=_now())
+        outcome = "canceled"
         return {"job": kind.job_id(row_id), "status": "canceled"}
     except PERMANENT_ERRORS as exc:
         _set(kind, row_id, status=JobStatus.failed, error=reason(exc), finished_at=_now())
         _no_more_retries()
         raise
     except BaseException as exc:
-        _transient_failure(kind, row_id, exc)
+        outcome = _transient_failure(kind, row_id, exc)
         raise
-    log.info("%s finished in %.1f s", kind.job_id(row_id), time.perf_counter() - started)
+    finally:
+        seconds = time.perf_counter() - started
+        metrics.inc("crowdsam_jobs", kind=kind.name, outcome=outcome)
+        metrics.observe("crowdsam_job_duration_seconds", seconds, kind=kind.name, outcome=outcome)
+        metrics.flush()
+    log.info("%s finished in %.1f s", kind.job_id(row_id), seconds)
     return {"job": kind.job_id(row_id), "status": "finished"}
 
 
@@ -164,16 +183,18 @@ def _set(kind: JobKind, row_id: int, **values: Any) -> None:
         session.commit()
 
 
-def _transient_failure(kind: JobKind, row_id: int, exc: BaseException) -> None:
+def _transient_failure(kind: JobKind, row_id: int, exc: BaseException) -> str:
+    """Requeue the row while RQ will retry (returns ``"retrying"``), else fail it (``"failed"``)."""
     job = get_current_job()
     left = int(job.retries_left or 0) if job is not None else 0
     if job is not None and left > 0:
         message = f"attempt failed ({reason(exc)}); retrying in {job.get_retry_interval()} s ({left} retries left)"
         _set(kind, row_id, status=JobStatus.queued, error=message)
         log.warning("%s: %s", kind.job_id(row_id), message)
-    else:
-        _set(kind, row_id, status=JobStatus.failed, error=reason(exc), finished_at=_now())
-        traceback.print_exception(exc)
+        return "retrying"
+    _set(kind, row_id, status=JobStatus.failed, error=reason(exc), finished_at=_now())
+    log.error("%s failed: %s", kind.job_id(row_id), reason(exc), exc_info=exc)
+    return "failed"
 
 
 def _no_more_retries() -> None:
@@ -207,6 +228,9 @@ def mark_abandoned(kind: JobKind, row_id: int, *, retrying: bool) -> None:
             row.finished_at = _now()
         session.commit()
     log.warning("%s was abandoned by a dead worker: %s", kind.job_id(row_id), "retrying" if retrying else "failed")
+    metrics = JobMetrics()
+    metrics.inc("crowdsam_jobs", kind=kind.name, outcome="abandoned")
+    metrics.flush()
 
 
 def job_failed(job: Job, connection: Redis, exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:

@@ -97,9 +97,28 @@ def segment(context: JobContext) -> dict[str, Any]:
             "labels": inputs.label_values,
         }
     )
-    log.info("segmentation %s: mask sha256 %s", context.row_id, digest[:12])
     total = len(output.prompted_slices) + len(output.derived_slices)
+    _record(context, params.model, output, total=total)
+    log.info("segmentation %s: mask sha256 %s", context.row_id, digest[:12])
     return {"mask_key": key, "mask_sha256": digest, "stats": stats, "progress": {"done": total, "total": total}}
+
+
+def _record(context: JobContext, model: str, output: Any, total: int) -> None:
+    """Encoder/decoder seconds per slice and cache use, flushed with the job's outcome (app.core.metrics).
+
+    Slice cache: a planned slice whose masks came from the decoded-slice or prompt cache is a hit, one the
+    decoder ran for a miss. Embedding cache: a decoded slice needed an embedding; the encoder runs (misses)
+    are counted by the engine, the rest were hits.
+    """
+    timings, encoded, decoded = output.timings, int(output.encoded), int(output.decoded)
+    metrics = context.metrics
+    metrics.summarize("crowdsam_sam_encoder_seconds", encoded, float(timings.get("encoder_s", 0.0)), model=model)
+    metrics.summarize("crowdsam_sam_decoder_seconds", decoded, float(timings.get("decoder_s", 0.0)), model=model)
+    lookups = {("slice", "hit"): max(0, total - decoded), ("slice", "miss"): decoded,
+               ("embedding", "hit"): max(0, decoded - encoded), ("embedding", "miss"): encoded}
+    for (cache, result), count in lookups.items():
+        if count:
+            metrics.inc("crowdsam_sam_cache_lookups", count, model=model, cache=cache, result=result)
 
 
 def prompts_by_slice(repo: SegmentationRepository, volume_id: int, labels: list[str]) -> dict[int, list[Any]]:
