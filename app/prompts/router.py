@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
@@ -12,9 +13,10 @@ from app.core.errors import PayloadTooLarge
 from app.core.responses import BigId, Id, errors
 from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
-from app.prompts import service, simulation_service, yolo_service
+from app.prompts import coco, coco_service, service, simulation_service, yolo_service
 from app.prompts.repository import PromptFilter
 from app.prompts.schemas import (
+    CocoImportResult,
     CoverageOut,
     PostResult,
     PromptBatch,
@@ -119,6 +121,44 @@ def export_yolo(
     name = f"{volume.case_id}_prompts_{convention}.zip"
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": content_disposition(name)})
+
+
+@router.post(
+    "/datasets/{dataset_id}/prompts/coco", response_model=CocoImportResult, status_code=status.HTTP_201_CREATED,
+    responses=errors(400, 403, 404, 409, 413, 422),
+)
+@heavy
+def import_coco(
+    dataset_id: Id,
+    session: SessionDep,
+    who: Staff,
+    file: Annotated[UploadFile, File(description="one COCO JSON file (boxes in display pixels)")],
+    annotator: Annotated[str | None, Form(description="whose boxes these are, unless an annotation names its "
+                                                      "annotator in \"crowdsam\": {\"annotator\"}")] = None,
+) -> CocoImportResult:
+    """Import COCO boxes; any bad image or annotation → 422 listing where, nothing stored."""
+    dataset = DatasetRepository(session).get(dataset_id)
+    data = file.file.read(coco.MAX_BYTES + 1)
+    if len(data) > coco.MAX_BYTES:
+        raise PayloadTooLarge(f"{file.filename}: larger than {coco.MAX_BYTES} bytes")
+    return coco_service.import_coco(session, dataset, data, annotator, who)
+
+
+@router.get(
+    "/volumes/{volume_id}/prompts.coco.json",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/json": {}}, "description": "COCO document of the volume's boxes"},
+        **errors(403, 404, 422),
+    },
+)
+def export_coco(volume_id: Id, session: SessionDep, _: Staff, annotator: str | None = None) -> Response:
+    """The volume's boxes as COCO JSON (display pixels; seen slices as images); re-importable."""
+    volume = VolumeRepository(session).get(volume_id)
+    dataset = DatasetRepository(session).get(volume.dataset_id)
+    document = coco_service.export_coco(session, volume, dataset, annotator)
+    return Response(json.dumps(document, separators=(",", ":")), media_type="application/json",
+                    headers={"Content-Disposition": content_disposition(f"{volume.case_id}_prompts.coco.json")})
 
 
 @router.post(

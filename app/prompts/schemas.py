@@ -128,6 +128,16 @@ class YoloImportResult(BaseModel):
     volumes: dict[str, int] = Field(description="case_id → boxes imported")
 
 
+class CocoImportResult(BaseModel):
+    images: int = Field(description="images (slices) placed on volumes")
+    boxes: int
+    stored: int
+    duplicates: int = Field(description="boxes already stored by an earlier import of the same file")
+    seen_slices: int = Field(description="(volume, slice, annotator) views recorded")
+    per_label: dict[str, int]
+    volumes: dict[str, int] = Field(description="case_id → boxes imported")
+
+
 class CoverageLabel(BaseModel):
     annotators: int
     prompts: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +137,18 @@ def store_boxes(session: Session, volume: Volume, boxes: list[BoxRow], seen: Ite
     views = set(seen) | {(b.k, b.annotator) for b in boxes}
     record_views(session, volume, views, source)
     return outcome
+
+
+def store_imported(session: Session, volumes: Mapping[int, Volume], boxes: Mapping[int, list[BoxRow]],
+                   views: Mapping[int, Iterable[tuple[int, str]]], source: str, token_id: int | None
+                   ) -> tuple[int, int]:
+    """Store an import's validated boxes and views volume by volume; returns (stored, duplicates)."""
+    stored = duplicates = 0
+    for volume_id, volume in volumes.items():
+        outcome = store_boxes(session, volume, boxes[volume_id], views[volume_id], source, token_id)
+        duplicates += len(outcome.duplicates)
+        stored += len(outcome.ids) - len(outcome.duplicates)
+    return stored, duplicates
 
 
 def record_views(session: Session, volume: Volume, views: Iterable[tuple[int, str]], source: str) -> None:

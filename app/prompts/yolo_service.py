@@ -15,7 +15,7 @@ from app.datasets.models import Dataset
 from app.imaging.coords import Orientation
 from app.prompts.repository import PromptRepository
 from app.prompts.schemas import YoloImportResult
-from app.prompts.service import BoxRow, display_size, store_boxes
+from app.prompts.service import BoxRow, display_size, store_imported
 from app.prompts.validation import check_box
 from app.prompts.yolo import (
     CONVENTIONS,
@@ -146,11 +146,7 @@ def import_yolo(session: Session, dataset: Dataset, uploads: list[tuple[str, byt
     if errors:
         _raise(errors)
 
-    stored = duplicates = 0
-    for volume_id, volume in volumes.items():
-        outcome = store_boxes(session, volume, boxes[volume_id], views[volume_id], "yolo-import", who.token_id)
-        duplicates += len(outcome.duplicates)
-        stored += len(outcome.ids) - len(outcome.duplicates)
+    stored, duplicates = store_imported(session, volumes, boxes, views, "yolo-import", who.token_id)
     return YoloImportResult(
         files=len(origin), empty_files=empty, boxes=sum(len(b) for b in boxes.values()), stored=stored,
         duplicates=duplicates, seen_slices=len(origin),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
@@ -19,7 +21,7 @@ from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.jobs import submit
 from app.jobs.states import JobStatus
-from app.segmentations import masks, service
+from app.segmentations import figures, masks, service
 from app.segmentations.jobs import KIND
 from app.segmentations.models import Segmentation
 from app.segmentations.repository import SegmentationRepository
@@ -122,7 +124,8 @@ def _finished(session: Session, segmentation_id: int) -> Segmentation:
     "/segmentations/{segmentation_id}/mask",
     response_class=Response,
     responses={
-        200: {"content": {"application/gzip": {}}, "description": "NIfTI label map on the image grid"},
+        200: {"content": {"application/gzip": {}, "application/dicom": {}},
+              "description": "NIfTI label map on the image grid, or a DICOM Segmentation (format=dicom-seg)"},
         304: {"description": "Not Modified (If-None-Match matched the ETag)"},
         **errors(403, 404, 409, 422),
     },
@@ -132,27 +135,43 @@ def download_mask(
     request: Request,
     session: SessionDep,
     _: Staff,
-    label: Annotated[str | None, Query(description="one label name → binary 0/1 mask")] = None,
+    label: Annotated[str | None, Query(description="one label name → binary 0/1 mask (dicom-seg: one segment)")] = (
+        None
+    ),
+    format: Annotated[Literal["nifti", "dicom-seg"], Query(
+        description="nifti: the label map (.nii.gz); dicom-seg: a DICOM Segmentation, one segment per label "
+                    "present, referencing the source DICOM series (or a synthetic one for NIfTI uploads)")] = "nifti",
 ) -> Response:
-    """The label map (dataset label values) on the uploaded image's grid; ``?label=`` → binary mask."""
+    """The label map (dataset label values) on the uploaded image's grid; ``?label=`` → binary mask;
+    ``?format=dicom-seg`` → the same as a DICOM SEG (a label without a SNOMED CT code → 422)."""
     row = _finished(session, segmentation_id)
     assert row.mask_key is not None and row.mask_sha256 is not None
     volume = VolumeRepository(session).get(row.volume_id)
+    dataset = DatasetRepository(session).get(volume.dataset_id)
     etag = f'"{row.mask_sha256}"'
     name = f"{volume.case_id}_seg{row.id}"
     value: int | None = None
     if label is not None:
-        labels = DatasetRepository(session).get(volume.dataset_id).labels
+        labels = dataset.labels
         if label not in labels:
             raise Invalid(f"label {label!r} is not a label of this dataset (has: {sorted(labels)})")
         value = labels[label]
         etag = f'"{row.mask_sha256[:40]}-{value}"'
         name = f"{name}_{label}"
+    if format == "dicom-seg":
+        inputs = json.dumps([dataset.label_codes, masks.software_version()], sort_keys=True).encode()
+        codes = hashlib.sha256(inputs).hexdigest()[:12]  # the SEG also depends on the codes and crowdsam
+        etag = f'"{row.mask_sha256[:32]}-dcm-{value if value is not None else "all"}-{codes}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    headers["Content-Disposition"] = content_disposition(f"{name}.nii.gz")
     storage = get_storage()
+    if format == "dicom-seg":
+        headers["Content-Disposition"] = content_disposition(f"{name}.dcm")
+        values = dict(dataset.labels) if label is None else {label: dataset.labels[label]}
+        content = masks.mask_dicom_seg(storage, volume, dataset, row, values)
+        return Response(content, media_type="application/dicom", headers=headers)
+    headers["Content-Disposition"] = content_disposition(f"{name}.nii.gz")
     if value is not None:
         return Response(masks.binary_mask_nifti(storage, row, value), media_type="application/gzip", headers=headers)
     handle = storage.open(row.mask_key)
@@ -163,6 +182,29 @@ def download_mask(
                 yield chunk
 
     return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)
+
+
+@router.get(
+    "/segmentations/{segmentation_id}/figure.png",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "montage of prompted and unprompted slices + Dice"},
+        304: {"description": "Not Modified (If-None-Match matched the ETag)"},
+        **errors(403, 404, 409, 422),
+    },
+)
+def segmentation_figure(segmentation_id: Id, request: Request, session: SessionDep, _: Staff) -> Response:
+    """One readable figure of the volume: prompted and unprompted display slices with the fused mask (fill),
+    the reference (contours) and the crowd's boxes, plus per-organ Dice bars when a reference exists."""
+    row = _finished(session, segmentation_id)
+    volume = VolumeRepository(session).get(row.volume_id)
+    etag = figures.figure_etag(row, volume)
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    png = figures.segmentation_figure(session, get_storage(), row, volume)
+    headers["Content-Disposition"] = content_disposition(f"{volume.case_id}_seg{row.id}_figure.png")
+    return Response(png, media_type="image/png", headers=headers)
 
 
 @router.get(
