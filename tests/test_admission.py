@@ -234,7 +234,7 @@ def test_heavy_work_runs_in_threads_and_heavy_routes_are_marked() -> None:
     assert len(routes) > 30
     async_ones = {name for name, r in routes.items() if inspect.iscoroutinefunction(r.endpoint)}
     assert async_ones == {"create_evaluation"}
-    for name in ("upload_volume", "import_yolo", "simulate", "create_evaluation"):
+    for name in ("upload_volume", "import_yolo", "import_coco", "simulate", "create_evaluation", "segmentation_figure"):
         assert getattr(routes[name].endpoint, "__crowdsam_admission__", None) is Kind.heavy, name
     for name in ("healthz", "readyz", "static_asset", "annotate_page"):
         assert getattr(routes[name].endpoint, "__crowdsam_admission__", None) is Kind.exempt, name

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.idempotency import IdempotencyDep
 from app.auth.security import Anyone, Staff
+from app.core.admission import heavy
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import Conflict, Invalid
@@ -193,6 +194,7 @@ def download_mask(
         **errors(403, 404, 409, 422),
     },
 )
+@heavy  # seconds of CPU per drawing: the small gate of uploads and imports
 def segmentation_figure(segmentation_id: Id, request: Request, session: SessionDep, _: Staff) -> Response:
     """One readable figure of the volume: prompted and unprompted display slices with the fused mask (fill),
     the reference (contours) and the crowd's boxes, plus per-organ Dice bars when a reference exists."""
