@@ -35,6 +35,7 @@ from app.exports.router import router as exports_router
 from app.health import router as health_router
 from app.operations import router as operations_router
 from app.prompts.router import router as prompts_router
+from app.segmentations.embeddings import router as embeddings_router
 from app.segmentations.router import router as segmentations_router
 from app.tasks.router import router as tasks_router
 from app.volumes.router import router as volumes_router
@@ -52,6 +53,7 @@ API_ROUTERS = [
     prompts_router,
     tasks_router,
     segmentations_router,
+    embeddings_router,
     exports_router,
     evaluations_router,
     crowd_router,

@@ -46,6 +46,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/volumes/{volume_id}"): ANYONE,
     ("DELETE", "/api/v1/volumes/{volume_id}"): STAFF,
     ("GET", "/api/v1/volumes/{volume_id}/slices/{k}.png"): ANYONE,
+    ("GET", "/api/v1/volumes/{volume_id}/slices/{k}/embedding"): ANYONE,  # annotators: their slices only
     ("GET", "/api/v1/volumes/{volume_id}/image"): STAFF,
     ("GET", "/api/v1/volumes/{volume_id}/reference"): STAFF,
     # prompts and tasks

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
                     "(queue preencode, app/segmentations/preencode.py); empty = off")
     preencode_ttl_s: int = Field(default=24 * 3600, ge=60, alias="CROWDSAM_PREENCODE_TTL_S",
                                  description="a slice is queued for pre-encoding at most once per this long")
+    embedding_request_ttl_s: int = Field(default=300, ge=5, alias="CROWDSAM_EMBEDDING_REQUEST_TTL_S",
+                                         description="an embedding asked for by the browser (GET .../embedding) "
+                                                     "is queued at most once per this long while not ready")
     onnx_dir: Path | None = Field(default=None, alias="CROWDSAM_ONNX_DIR",
                                   description="exported ONNX models (default: <cache dir>/onnx)")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
