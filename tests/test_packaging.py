@@ -87,7 +87,8 @@ def test_every_imported_package_is_in_the_lock_of_its_image(package: str, lock: 
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
-    ("app.main", OPTIONAL | CLIENT | {"scripts", "torch"}),  # the API process: no client, no worker libraries
+    # the API process: no client, no worker libraries; drawing and DICOM SEG libraries load on first use
+    ("app.main", OPTIONAL | CLIENT | {"scripts", "torch", "matplotlib", "highdicom"}),
     ("app.cli", OPTIONAL | {"scripts", "torch"}),  # `crowdsam` (with its client commands)
 ])
 def test_importing_the_api_and_cli_loads_no_optional_package(module: str, forbidden: set[str]) -> None:

@@ -28,15 +28,17 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, generate_uid
+
+if TYPE_CHECKING:
+    import highdicom as hd
 
 Laterality = Literal["right", "left"]
 CATEGORY = codes.SCT.AnatomicalStructure  # SCT 91723000, DICOM CID 7150 "Anatomical Structure"
@@ -233,6 +235,8 @@ def synthetic_ct_series(
 
 
 def _description(number: int, name: str, code: LabelCode, algorithm: Algorithm) -> hd.seg.SegmentDescription:
+    import highdicom as hd  # imported on first use, not at API start (≈0.4 s)
+
     identification = None
     if algorithm.name is not None:
         params = {**({"model": algorithm.model} if algorithm.model else {}), **algorithm.parameters}
@@ -302,6 +306,8 @@ def build_segmentation(
     (NIfTI grid; values are those of ``values``; others count as background), referencing ``source``
     (one header per slice k, real or :func:`synthetic_ct_series`). Returns the Part 10 file's bytes.
     """
+    import highdicom as hd
+
     data = np.asarray(labels)
     if data.ndim != 3 or data.dtype.kind not in "ui":
         raise ValueError(f"label map must be a 3D integer array, not {data.dtype} {data.shape}")

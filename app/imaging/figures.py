@@ -16,20 +16,18 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from matplotlib import patheffects
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
 
 from app.imaging.coords import Orientation, display_slice
 from app.imaging.metrics import dice
 from app.imaging.palette import label_color
 from app.imaging.render import window_to_uint8
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGURE_VERSION = 1  # bump when the drawing changes (the endpoint's ETag includes it)
 DPI = 100
@@ -147,6 +145,8 @@ def volume_montage(
 ) -> bytes:
     """The montage as PNG bytes (see the module docstring). ``spacing`` is the canonical voxel size in mm,
     ``window`` the (level, width) of the CT window, ``boxes_by_slice`` the crowd's prompts by canonical slice."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported on first drawing, not at API start
+    from matplotlib.figure import Figure
     panels = choose_slices(fused_labels_canonical, reference_canonical, prompted, n_slices)
     annotators = sorted({m.annotator for marks in boxes_by_slice.values() for m in marks})
     labels = present_labels(labels, fused_labels_canonical, reference_canonical)
@@ -191,6 +191,8 @@ def _rgb(value: int) -> tuple[float, float, float]:
 def _panel(ax: Any, ct: npt.NDArray[Any], fused: npt.NDArray[Any], reference: npt.NDArray[Any] | None,
            marks: Sequence[Mark], labels: Mapping[str, int], annotators: list[str], panel: Panel,
            level: float, width: float, aspect: float, any_prompted: bool) -> None:
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
     gray = window_to_uint8(np.asarray(display_slice(ct, panel.k)), level, width)
     ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="bilinear", aspect=aspect)
     mask = np.asarray(display_slice(fused, panel.k))
@@ -235,6 +237,8 @@ def _panel(ax: Any, ct: npt.NDArray[Any], fused: npt.NDArray[Any], reference: np
 
 def _legend(fig: Figure, labels: Mapping[str, int], annotators: list[str], *, bottom: float,
             reference: bool) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     handles: list[Any] = [Patch(facecolor=(*_rgb(v), FILL_ALPHA), edgecolor=_rgb(v), label=n)
                           for n, v in labels.items()]
     handles.append(Patch(facecolor=(0.5, 0.5, 0.5, FILL_ALPHA), label="fused mask (fill)"))

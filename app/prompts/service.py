@@ -117,12 +117,18 @@ def post_prompts(session: Session, volume: Volume, dataset: Dataset, who: Princi
 def _check_tasks(session: Session, volume: Volume, who: Principal, slices: list[int]) -> None:
     """A ``tasks_only`` dataset: every slice must be leased to the annotator or already worked on by them
     (a retry after the lease was released by the first, acknowledged attempt)."""
-    missing = set(slices) - leases.held(volume.id, slices, who.name)
-    if missing:
-        missing -= PromptRepository(session).seen_by(volume.id, who.name, missing)
+    missing = unassigned_slices(session, volume, who.name, slices)
     if missing:
         raise Forbidden(f"slices {sorted(missing)[:20]} of volume {volume.id} are not among your tasks: this "
                         "dataset accepts prompts only on slices handed out by GET /tasks/next")
+
+
+def unassigned_slices(session: Session, volume: Volume, annotator: str, slices: Iterable[int]) -> set[int]:
+    """The slices of ``slices`` the annotator neither holds a lease on (``GET /tasks/next``) nor has worked on."""
+    missing = set(slices) - leases.held(volume.id, slices, annotator)
+    if missing:
+        missing -= PromptRepository(session).seen_by(volume.id, annotator, missing)
+    return missing
 
 
 def store_boxes(session: Session, volume: Volume, boxes: list[BoxRow], seen: Iterable[tuple[int, str]],

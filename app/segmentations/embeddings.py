@@ -39,9 +39,8 @@ from app.core.responses import Id, errors
 from app.core.storage import Storage, get_storage
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
-from app.prompts.repository import PromptRepository
+from app.prompts.service import unassigned_slices
 from app.segmentations import service as segmentation_service
-from app.tasks import leases
 from app.volumes import slices
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
@@ -121,7 +120,7 @@ def check_slice_access(session: Any, principal: Principal, volume: Volume, k: in
     annotators: only a slice they hold a lease on (``GET /tasks/next``) or have already seen/prompted."""
     if not principal.is_annotator:
         return
-    if leases.held(volume.id, [k], principal.name) or PromptRepository(session).seen_by(volume.id, principal.name, [k]):
+    if not unassigned_slices(session, volume, principal.name, [k]):
         return
     raise Forbidden(f"annotators may fetch the embedding of a slice they were handed (GET /tasks/next) or have "
                     f"worked on; slice {k} of volume {volume.id} is not one of yours")
