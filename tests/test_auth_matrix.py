@@ -47,6 +47,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("DELETE", "/api/v1/volumes/{volume_id}"): STAFF,
     ("GET", "/api/v1/volumes/{volume_id}/slices/{k}.png"): ANYONE,
     ("GET", "/api/v1/volumes/{volume_id}/slices/{k}/embedding"): ANYONE,  # annotators: their slices only
+    ("GET", "/api/v1/models/{model}/decoders/{decoder_id}.onnx"): ANYONE,  # the browser's SAM decoder
     ("GET", "/api/v1/volumes/{volume_id}/image"): STAFF,
     ("GET", "/api/v1/volumes/{volume_id}/reference"): STAFF,
     # prompts and tasks

@@ -7,6 +7,7 @@ preprocessing metadata, ETag/304.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -149,6 +150,46 @@ def test_the_published_embedding_is_the_engines(client, tokens, sm_volume, run_j
     assert again.status_code == 304 and again.content == b""
     assert client.get(_url(vid), headers=staff).status_code == 200
     assert _embedding_jobs() == []
+
+    # The decoder the header names is served (one ONNX file, any token) and, run by ONNX Runtime on the
+    # fp16 embedding from the wire, gives the worker engine's mask for a box (the browser runs this graph).
+    decoder = meta["decoder"]
+    assert decoder["url"] == f"/api/v1/models/litemedsam/decoders/{decoder['id']}.onnx"
+    annotator = tokens.headers("annotator")
+    served = client.get(decoder["url"], headers=annotator)
+    assert served.status_code == 200 and served.headers["cache-control"].endswith("immutable")
+    assert len(served.content) == decoder["bytes"] and hashlib.sha256(served.content).hexdigest() == decoder["sha256"]
+    assert client.get(decoder["url"], headers={**annotator, "If-None-Match": served.headers["etag"]}).status_code == 304
+    assert client.get(decoder["url"]).status_code == 401
+    missing = client.get("/api/v1/models/litemedsam/decoders/nope-e0.onnx", headers=annotator)
+    assert missing.status_code == 404 and "fetch a slice embedding first" in missing.json()["detail"]
+    assert client.get("/api/v1/models/litemedsam/decoders/..%2Fx.onnx", headers=annotator).status_code in (404, 422)
+    _check_decoder(served.content, array, meta, engine, display, window)
+
+
+def _check_decoder(onnx_bytes: bytes, array: np.ndarray, meta: dict, engine, display, window) -> None:  # type: ignore[no-untyped-def,type-arg]
+    import onnxruntime as ort
+    import torch
+
+    from workers.sam.decode import DecodePrompt, prompt_tokens
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    h, w = meta["original_size"]
+    prompts = [DecodePrompt(box=(w * 0.3, h * 0.3, w * 0.6, h * 0.7)),
+               DecodePrompt(box=(w * 0.3, h * 0.3, w * 0.6, h * 0.7), points=((w * 0.45, h * 0.5),),
+                            point_labels=(0,))]
+    for prompt in prompts:
+        coords, labels = prompt_tokens(engine.model, [prompt], (h, w))
+        # The browser's recipe: display pixels × scale → model frame (what prompt_tokens does for this family).
+        np.testing.assert_allclose(coords[0, -2:].reshape(-1, 2),
+                                   np.array(prompt.box).reshape(2, 2) * np.array(meta["scale"]), rtol=1e-5)
+        (low_res,) = session.run(None, {"image_embeddings": array.astype(np.float32), "point_coords": coords,
+                                        "point_labels": labels})
+        _, mask = engine.model.family.postprocess(torch.from_numpy(low_res), (h, w), engine.model.sam)
+        _, expected = engine.backend.decode(engine.encode(display, window), [prompt], (h, w))
+        got, want = mask.numpy().astype(bool).reshape(h, w), np.asarray(expected).astype(bool).reshape(h, w)
+        agreement = float((got == want).mean())
+        assert agreement >= 0.999 and want.any(), (agreement, int(want.sum()))
 
 
 def _digest(display: np.ndarray) -> str:

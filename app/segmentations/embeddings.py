@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth.security import Anyone, Principal
 from app.core.config import get_settings
 from app.core.db import SessionDep
-from app.core.errors import Conflict, Forbidden
+from app.core.errors import Conflict, Forbidden, NotFound
 from app.core.hashing import sha256_text
 from app.core.http import etag_matches
 from app.core.redis import get_queue, get_redis
@@ -54,6 +55,8 @@ RETRY_AFTER_S = 1
 RESULT_TTL_S = 600
 CACHE_CONTROL = "private, max-age=86400"
 FAILED = "failed:"
+API_PREFIX = "/api/v1"
+DECODER_CACHE_CONTROL = "private, max-age=31536000, immutable"  # the id names the weights and exporter version
 
 router = APIRouter(tags=["segmentations"])
 
@@ -64,6 +67,15 @@ def object_key(volume: Volume, dataset: Dataset, k: int, model: str) -> str:
                        "slice": int(k), "window": [float(dataset.window_level), float(dataset.window_width)]},
                       sort_keys=True)
     return f"volumes/{volume.id}/embeddings/{model}/{sha256_text(text)[:32]}.bin"
+
+
+def decoder_key(model: str, decoder_id: str) -> str:
+    """Where a model's browser decoder (one ONNX file, published by the embedding job) lives in the store."""
+    return f"models/{model}/decoders/{decoder_id}.onnx"
+
+
+def decoder_url(model: str, decoder_id: str) -> str:
+    return f"{API_PREFIX}/models/{model}/decoders/{decoder_id}.onnx"
 
 
 def pack(header: dict[str, Any], gzipped: bytes) -> bytes:
@@ -184,3 +196,45 @@ def slice_embedding(
     if etag_matches(request_.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(body, media_type="application/octet-stream", headers={**headers, "Content-Encoding": "gzip"})
+
+
+@router.get(
+    "/models/{model}/decoders/{decoder_id}.onnx",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}},
+              "description": "the ONNX prompt decoder (one file, weights inline) for onnxruntime-web"},
+        304: {"description": "Not Modified (If-None-Match matched the ETag)"},
+        **errors(403, 404, 422),
+    },
+)
+def prompt_decoder(
+    model: str,
+    decoder_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                                    description="the id an embedding's X-Crowdsam-Embedding names (decoder.id)")],
+    request_: Request,
+    _: Anyone,
+) -> Response:
+    """The SAM prompt decoder the page runs on a slice embedding (inputs ``image_embeddings`` (1, 256, 64, 64),
+    ``point_coords`` (B, N, 2) in the model frame, ``point_labels`` (B, N): 1/0 points, 2/3 box corners, -1
+    padding; output (B, 1, 256, 256) low-res logits). Immutable: a new weights file or exporter gets a new id.
+    404 until a worker has published it (it does with the model's first embedding)."""
+    segmentation_service.check_model(model)
+    storage = get_storage()
+    key = decoder_key(model, decoder_id)
+    if not storage.exists(key):
+        raise NotFound(f"no {model} decoder {decoder_id!r} has been published: fetch a slice embedding first "
+                       "(its X-Crowdsam-Embedding header names the current decoder)")
+    etag = f'"{decoder_id}"'
+    headers = {"ETag": etag, "Cache-Control": DECODER_CACHE_CONTROL}
+    if etag_matches(request_.headers.get("if-none-match"), etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    handle = storage.open(key)
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={**headers, "Content-Length": str(storage.size(key))})

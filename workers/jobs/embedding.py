@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.core.db import session_scope
-from app.core.storage import get_storage
+from app.core.storage import Storage, get_storage, sha256_file
 from app.datasets.models import Dataset
 from app.imaging.coords import display_slice
 from app.segmentations import embeddings
@@ -49,6 +49,22 @@ def to_wire(embedding: npt.NDArray[np.floating]) -> bytes:
     return gzip.compress(data.tobytes(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
+_DECODERS: dict[str, dict[str, Any]] = {}  # decoder store key → what the header says about it (per process)
+
+
+def publish_decoder(storage: Storage, engine: Any, model: str) -> dict[str, Any]:
+    """Put the engine's browser decoder (one ONNX file) in the store once; what the embedding header names."""
+    decoder_id = engine.decoder_id
+    key = embeddings.decoder_key(model, decoder_id)
+    if key not in _DECODERS:
+        path = engine.web_decoder()
+        if not storage.exists(key):
+            storage.put_file(key, path)
+        _DECODERS[key] = {"id": decoder_id, "url": embeddings.decoder_url(model, decoder_id),
+                          "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return _DECODERS[key]
+
+
 def publish_embedding(volume_id: int, k: int, model: str) -> dict[str, Any]:
     """Write the embedding of slice ``k`` for ``model`` to the store (from this host's cache, or one encoder
     pass); a deleted volume or a slice out of range is nothing to do. Clears the API's request mark, or on
@@ -77,6 +93,7 @@ def publish_embedding(volume_id: int, k: int, model: str) -> dict[str, Any]:
         cached = engine.embeddings.get(embedding_key)
         array = cached["embedding"] if cached is not None else engine.encode(display, window).float().cpu().numpy()
         gzipped = to_wire(array)
+        decoder = publish_decoder(storage, engine, model)
         header = {
             "model": model, "weights": engine.weights_id, "backend": engine.backend.tag, "etag": embedding_key,
             "volume_id": volume_id, "slice": k, "window": list(window),
@@ -84,6 +101,7 @@ def publish_embedding(volume_id: int, k: int, model: str) -> dict[str, Any]:
             "mask_threshold": float(engine.model.sam.mask_threshold),
             "bytes": len(gzipped), "fp16_bytes": int(array.size) * 2, "fp32_bytes": int(array.size) * 4,
             **geometry(engine.model.family, (int(display.shape[0]), int(display.shape[1]))),
+            "decoder": decoder,
         }
         storage.write_bytes(key, embeddings.pack(header, gzipped))
         log.info("published the %s embedding of slice %d of volume %s (%d bytes, encoded %d)", model, k,

@@ -39,6 +39,7 @@ from workers.sam.cache import ArrayCache, make_key
 from workers.sam.decode import DecodePrompt
 from workers.sam.fusion import Reliability
 from workers.sam.models import LoadedModel, load_model
+from workers.sam.onnx_export import EXPORTER_VERSION, web_decoder
 from workers.sam.plan import (
     ENGINE_VERSION,
     ModelIdentity,
@@ -184,11 +185,21 @@ class SegmentationEngine:
         self.prompt_masks = ArrayCache(root / "prompts", max_entries=4096,
                                        max_bytes=max(settings.embedding_cache_bytes // 4, 1))
         kind = resolve_backend(backend or settings.backend, self.device)
+        self.onnx_dir = Path(onnx_dir or settings.onnx_dir or root / "onnx")
         self.backend: Backend = TorchBackend(self.model, self.device, self.precision) if kind == "torch" else (
-            OnnxBackend.export(self.model, Path(onnx_dir or settings.onnx_dir or root / "onnx"), self.weights_id,
-                               torch.get_num_threads()))
+            OnnxBackend.export(self.model, self.onnx_dir, self.weights_id, torch.get_num_threads()))
         self.embedder = Embedder(self.backend, self.device, self.embeddings)
         self._lock = threading.Lock()
+
+    @property
+    def decoder_id(self) -> str:
+        """Names the browser's decoder file: the weights and the exporter version fix its graph."""
+        return f"{self.weights_id}-e{EXPORTER_VERSION}"
+
+    def web_decoder(self) -> Path:
+        """The prompt decoder as one ONNX file for onnxruntime-web (exported once per weights)."""
+        with self._lock:
+            return web_decoder(self.model.sam, self.onnx_dir, self.name, self.weights_id)
 
     def identity(self, window: tuple[float, float]) -> ModelIdentity:
         prep = f"{self.model.family.signature(window)}:{self.precision}:{self.backend.tag}"

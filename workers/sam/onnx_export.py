@@ -17,6 +17,7 @@ so concurrent workers export once and never read a half-written model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import io
 import logging
@@ -255,11 +256,50 @@ def _export_into(sam: Sam, directory: Path) -> None:
     sam = sam.to("cpu").eval()
     side = sam.image_encoder.img_size
     _export(_ImageEncoder(sam), (torch.zeros(1, 3, side, side),), directory / "encoder.onnx", ["image"], None)
+    _export_decoder(sam, directory / "decoder.onnx")
+
+
+def web_decoder(sam: Sam, cache_dir: Path, name: str, weights_id: str) -> Path:
+    """The prompt decoder as ONE self-contained ``.onnx`` file (weights inline, as a browser loads it).
+
+    Converted from the backend's export when there is one (the same graph the ONNX backend runs), else
+    the decoder alone is exported (the torch backend never needs the encoder's export)."""
+    final = export_dir(cache_dir, name, weights_id)
+    target = final.with_name(final.name + "-web") / "decoder.onnx"
+    if target.exists():
+        return target
+    with _locked(target.parent.with_name(target.parent.name + ".lock")):
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".decoder-", dir=target.parent) as tmp:
+            source = final / "decoder.onnx"
+            if not source.exists():
+                source = Path(tmp) / "decoder.onnx"
+                on_cpu = all(p.device.type == "cpu" for p in sam.parameters())
+                with torch.no_grad():  # a CUDA engine's model stays where it is: export a CPU copy
+                    _export_decoder((sam if on_cpu else copy.deepcopy(sam).to("cpu")).eval(), source)
+            single = Path(tmp) / "single.onnx"
+            single.write_bytes(inline_external_data(source))
+            os.replace(single, target)
+    return target
+
+
+def inline_external_data(path: Path) -> bytes:
+    """The model at ``path`` serialized with its external tensors (``*.onnx.data``) inlined."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)  # tensors become inline (data_location DEFAULT)
+    return cast(bytes, model.SerializeToString())
+
+
+def _export_decoder(sam: Sam, path: Path) -> None:
+    side = sam.image_encoder.img_size
     embed_h, embed_w = sam.prompt_encoder.image_embedding_size
     embedding = torch.zeros(1, sam.prompt_encoder.embed_dim, embed_h, embed_w)
     coords = torch.rand(2, 3, 2) * side
     labels = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, -1.0]])
     batch, tokens = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("tokens", min=1, max=1024)
-    _export(PromptDecoder(sam), (embedding, coords, labels), directory / "decoder.onnx",
+    _export(PromptDecoder(sam), (embedding, coords, labels), path,
             ["image_embeddings", "point_coords", "point_labels"],
             {"image_embeddings": {}, "point_coords": {0: batch, 1: tokens}, "point_labels": {0: batch, 1: tokens}})
