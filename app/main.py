@@ -38,6 +38,7 @@ from app.prompts.router import router as prompts_router
 from app.segmentations.embeddings import router as embeddings_router
 from app.segmentations.router import router as segmentations_router
 from app.tasks.router import router as tasks_router
+from app.trainings.router import router as trainings_router
 from app.volumes.router import router as volumes_router
 from app.web.router import router as web_router
 
@@ -56,6 +57,7 @@ API_ROUTERS = [
     embeddings_router,
     exports_router,
     evaluations_router,
+    trainings_router,
     crowd_router,
 ]
 

@@ -7,9 +7,10 @@ from app.evaluations.models import Evaluation
 from app.exports.models import Export
 from app.prompts.models import Prompt, SliceView
 from app.segmentations.models import Segmentation
+from app.trainings.models import Training
 from app.volumes.models import Volume
 
 __all__ = [
     "ApiToken", "Base", "Dataset", "DatasetMember", "Evaluation", "Export", "IdempotencyKey", "Prompt", "Role",
-    "Segmentation", "SliceView", "Volume",
+    "Segmentation", "SliceView", "Training", "Volume",
 ]

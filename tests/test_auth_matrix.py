@@ -86,6 +86,14 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/evaluations/{evaluation_id}/summary.json"): STAFF,
     ("GET", "/api/v1/evaluations/{evaluation_id}/report"): STAFF,
     ("POST", "/api/v1/evaluations/compare"): STAFF,
+    # trainings
+    ("POST", "/api/v1/datasets/{dataset_id}/trainings"): STAFF,
+    ("GET", "/api/v1/datasets/{dataset_id}/trainings"): STAFF,
+    ("GET", "/api/v1/trainings/{training_id}"): STAFF,
+    ("POST", "/api/v1/trainings/{training_id}/cancel"): STAFF,
+    ("DELETE", "/api/v1/trainings/{training_id}"): STAFF,
+    ("GET", "/api/v1/trainings/{training_id}/checkpoint"): STAFF,
+    ("GET", "/api/v1/trainings/{training_id}/predictions"): STAFF,
 }
 
 # Routes outside /api/v1 that must answer without a token.
@@ -237,7 +245,8 @@ def test_health_and_docs_answer_200_without_token(client):
 
 
 # --- member / non-member ------------------------------------------------------------------------
-SCOPED = re.compile(r"\{(dataset_id|volume_id|segmentation_id|export_id|evaluation_id|prompt_id)\}|/tasks/next$")
+SCOPED = re.compile(
+    r"\{(dataset_id|volume_id|segmentation_id|export_id|evaluation_id|training_id|prompt_id)\}|/tasks/next$")
 
 
 @pytest.fixture
@@ -246,6 +255,7 @@ def real_ids(client, tokens, sm_volume) -> dict[str, str]:  # type: ignore[no-un
     from app.core.db import session_scope
     from app.evaluations.models import Evaluation
     from app.exports.models import Export
+    from app.trainings.models import Training
     from tests.helpers_exporteval import add_finished_segmentation
 
     vid = sm_volume["id"]
@@ -257,8 +267,12 @@ def real_ids(client, tokens, sm_volume) -> dict[str, str]:  # type: ignore[no-un
         export = Export(dataset_id=sm_volume["dataset_id"], format="nnunet-v2", params={}, created_by="researcher")
         evaluation = Evaluation(dataset_id=sm_volume["dataset_id"], params={}, created_by="researcher")
         session.add_all([export, evaluation])
+        session.flush()
+        training = Training(dataset_id=sm_volume["dataset_id"], export_id=export.id, params={},
+                            created_by="researcher")
+        session.add(training)
         session.commit()
-        ids = {"export_id": export.id, "evaluation_id": evaluation.id}
+        ids = {"export_id": export.id, "evaluation_id": evaluation.id, "training_id": training.id}
     return {"dataset_id": str(sm_volume["dataset_id"]), "volume_id": str(vid), "segmentation_id": str(sid),
             "prompt_id": str(posted.json()["ids"][0]), **{k: str(v) for k, v in ids.items()},
             "k": "3", "name": "annotator"}

@@ -76,6 +76,7 @@ def evaluate(context: JobContext) -> dict[str, Any]:
         "labels": labels,
         "source": params.source,
         "model": params.model,
+        "training_id": params.training_id,
         "nsd_tolerance_mm": tolerance,
         "surface_library": SURFACE_LIBRARY,
         "cases": cases,

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     onnx_dir: Path | None = Field(default=None, alias="CROWDSAM_ONNX_DIR",
                                   description="exported ONNX models (default: <cache dir>/onnx)")
     job_timeout_s: int = Field(default=3600, alias="CROWDSAM_JOB_TIMEOUT_S")
+    training_timeout_s: int = Field(default=172800, ge=60, alias="CROWDSAM_TRAINING_TIMEOUT_S",
+                                    description="time limit of one nnU-Net training attempt (queue train); "
+                                                "every other job kind has CROWDSAM_JOB_TIMEOUT_S")
     max_active_jobs_per_user: int = Field(default=100, ge=1, alias="CROWDSAM_MAX_ACTIVE_JOBS_PER_USER",
                                           description="queued + running jobs (all kinds) one token name may "
                                                       "have; a request past it → 429")

@@ -1,5 +1,6 @@
 """Redis connection and the RQ queues (``sam`` for GPU/CPU model work, ``cpu`` for the rest, ``preencode``
-for low-priority embedding warm-up: a worker takes it only when its other queues are empty)."""
+for low-priority embedding warm-up: a worker takes it only when its other queues are empty; ``train`` for
+nnU-Net trainings, served by GPU workers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rq import Queue
 
 from app.core.services import redis_url
 
-QUEUE_NAMES = ("sam", "cpu", "preencode")
+QUEUE_NAMES = ("sam", "cpu", "preencode", "train")
 
 
 @lru_cache

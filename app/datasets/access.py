@@ -7,7 +7,7 @@ so dataset names and ids do not leak. What a member may do is still decided by t
 
 One dependency, :func:`dataset_access`, runs on every ``/api/v1`` route: it finds the dataset a
 route's path names (``dataset_id``, ``volume_id``, ``segmentation_id``, ``export_id``,
-``evaluation_id``, ``prompt_id``, or the ``dataset`` query of ``/tasks/next``) and checks the
+``evaluation_id``, ``training_id``, ``prompt_id``, or the ``dataset`` query of ``/tasks/next``) and checks the
 caller's membership. Both answers are cached per process (a resource never moves to another
 dataset; a membership change reaches other processes within ``token_cache_s``), so the crowd's hot
 path (prompt posts with a known token) costs no extra query.
@@ -37,6 +37,7 @@ from app.evaluations.models import Evaluation
 from app.exports.models import Export
 from app.prompts.models import Prompt
 from app.segmentations.models import Segmentation
+from app.trainings.models import Training
 from app.volumes.models import Volume
 
 # Path parameter → (what it names, the query of its dataset id)
@@ -47,6 +48,7 @@ _OWNERS: dict[str, tuple[str, Any]] = {
                         .join(Segmentation, Segmentation.volume_id == Volume.id).where(Segmentation.id == i)),
     "export_id": ("export", lambda i: select(Export.dataset_id).where(Export.id == i)),
     "evaluation_id": ("evaluation", lambda i: select(Evaluation.dataset_id).where(Evaluation.id == i)),
+    "training_id": ("training", lambda i: select(Training.dataset_id).where(Training.id == i)),
     "prompt_id": ("prompt", lambda i: select(Volume.dataset_id)
                   .join(Prompt, Prompt.volume_id == Volume.id).where(Prompt.id == i)),
 }

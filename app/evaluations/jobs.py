@@ -1,4 +1,5 @@
-"""The evaluation job kind: predictions scored against references (queue ``cpu``)."""
+"""The evaluation job kind: predictions (segmentations, uploads, a training's) scored against references
+(queue ``cpu``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class EvaluationCase(BaseModel):
 class EvaluationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal["segmentation", "upload"]
+    source: Literal["segmentation", "upload", "training"]
     model: str | None = None  # source "segmentation"
+    training_id: int | None = None  # source "training": its predictions of the export's test cases
     label_values: str  # "dataset" or "export:<id>" (the values the uploaded files used)
     nsd_tolerance_mm: float = Field(gt=0, le=100)
     cases: list[EvaluationCase]

@@ -7,7 +7,7 @@ from typing import IO, Any
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -25,16 +25,25 @@ from app.evaluations import service
 from app.evaluations.jobs import KIND
 from app.evaluations.models import Evaluation
 from app.evaluations.repository import EvaluationRepository
-from app.evaluations.schemas import CompareRequest, EvaluationFromSegmentation, EvaluationOut
+from app.evaluations.schemas import (
+    CompareRequest,
+    EvaluationFromJson,
+    EvaluationFromSegmentation,
+    EvaluationFromTraining,
+    EvaluationOut,
+)
 from app.jobs import submit
+from app.trainings.repository import TrainingRepository
 
 router = APIRouter(tags=["evaluations"])
+JSON_BODY: TypeAdapter[EvaluationFromSegmentation | EvaluationFromTraining] = TypeAdapter(EvaluationFromJson)
 
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": EvaluationFromSegmentation.model_json_schema()},
+            "application/json": {"schema": {"oneOf": [EvaluationFromSegmentation.model_json_schema(),
+                                                      EvaluationFromTraining.model_json_schema()]}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -63,7 +72,8 @@ REQUEST_BODY_DOC: dict[str, Any] = {
 @heavy
 async def create_evaluation(dataset_id: Id, request: Request, session: SessionDep, principal: Staff,
                             key: KeyHeader = None) -> EvaluationOut | Response:
-    """Queue an evaluation of a model's segmentations (JSON) or of uploaded predictions (multipart)."""
+    """Queue an evaluation of a model's segmentations or a training's predictions (JSON), or of uploaded
+    predictions (multipart)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         # The token (and dataset) checks may have queried: end that read-only transaction, so no pooled
@@ -94,14 +104,15 @@ async def create_evaluation(dataset_id: Id, request: Request, session: SessionDe
     elif content_type.startswith("application/json"):
         raw = await request.body()
         try:
-            body = EvaluationFromSegmentation.model_validate_json(raw)
+            body = JSON_BODY.validate_json(raw)
         except ValidationError as exc:
             raise Invalid([{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]) from exc
         idempotency = Idempotency(key, fingerprint(request.method, request.url.path, canonical_json(raw)))
         answer = await run_in_threadpool(idempotency.run, session, principal, status.HTTP_202_ACCEPTED, lambda: (
-            service.to_out(_create_segmentation(session, dataset_id, body, principal))))
+            service.to_out(_create_from_json(session, dataset_id, body, principal))))
     else:
-        raise Invalid("send JSON {'source': 'segmentation', ...} or multipart/form-data with 'predictions'")
+        raise Invalid("send JSON {'source': 'segmentation' | 'training', ...} or multipart/form-data with "
+                      "'predictions'")
     return answer
 
 
@@ -115,9 +126,11 @@ def _submit(session: SessionDep, row: Evaluation) -> Evaluation:
     return row
 
 
-def _create_segmentation(session: SessionDep, dataset_id: int, body: EvaluationFromSegmentation,
-                         principal: Principal) -> Evaluation:
+def _create_from_json(session: SessionDep, dataset_id: int,
+                      body: EvaluationFromSegmentation | EvaluationFromTraining, principal: Principal) -> Evaluation:
     dataset = DatasetRepository(session).get(dataset_id)
+    if isinstance(body, EvaluationFromTraining):
+        return _submit(session, service.create_from_training(session, dataset, body, principal))
     return _submit(session, service.create_from_segmentation(session, dataset, body, principal))
 
 
@@ -131,11 +144,20 @@ def _create_upload(session: SessionDep, dataset_id: int, archive: Path, label_va
 
 @router.post("/evaluations/compare", responses=errors(400, 403, 404, 409, 422))
 def compare_evaluations(body: CompareRequest, session: SessionDep, principal: Staff) -> dict[str, Any]:
-    """Paired Wilcoxon signed-rank test (per label and pooled) with n and rank-biserial effect size."""
-    for evaluation_id in (body.a, body.b):
-        evaluation = EvaluationRepository(session).get(evaluation_id)
-        check_member(session, principal, evaluation.dataset_id, "evaluation", evaluation_id)
-    return service.compare(session, body)
+    """Paired Wilcoxon signed-rank test (per label and pooled) with n and rank-biserial effect size, of two
+    evaluations (``a``, ``b``) or of two trainings' newest finished evaluations (``training_a``, ``training_b``);
+    the answer names the evaluations (and trainings) compared."""
+    if body.training_a is not None and body.training_b is not None:
+        trainings = [TrainingRepository(session).get(i) for i in (body.training_a, body.training_b)]
+        for training in trainings:
+            check_member(session, principal, training.dataset_id, "training", training.id)
+        a, b = (service.newest_training_evaluation(session, t) for t in trainings)
+        return service.compare(session, a, b, body.metric, (trainings[0].id, trainings[1].id))
+    assert body.a is not None and body.b is not None  # CompareRequest: exactly one of the two forms
+    evaluations = [EvaluationRepository(session).get(i) for i in (body.a, body.b)]
+    for evaluation in evaluations:
+        check_member(session, principal, evaluation.dataset_id, "evaluation", evaluation.id)
+    return service.compare(session, evaluations[0], evaluations[1], body.metric)
 
 
 @router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut, responses=errors(403, 404, 422))

@@ -24,7 +24,13 @@ from app.evaluations.archive import unpack
 from app.evaluations.jobs import KIND, EvaluationCase, EvaluationParams
 from app.evaluations.models import Evaluation
 from app.evaluations.repository import EvaluationRepository
-from app.evaluations.schemas import METRIC_KEYS, CompareRequest, EvaluationFromSegmentation, EvaluationOut
+from app.evaluations.schemas import (
+    METRIC_KEYS,
+    CompareMetric,
+    EvaluationFromSegmentation,
+    EvaluationFromTraining,
+    EvaluationOut,
+)
 from app.evaluations.statistics import json_safe, paired_wilcoxon
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.imaging.labelmaps import save_label_map
@@ -32,6 +38,8 @@ from app.imaging.nifti import label_dtype, read_header, read_voxels, same_geomet
 from app.jobs.states import JobStatus
 from app.jobs.submit import stopping
 from app.segmentations import registry
+from app.trainings.models import Training
+from app.trainings.repository import TrainingRepository
 from app.volumes.models import Volume
 from app.volumes.repository import VolumeRepository
 from app.volumes.service import check_upload_memory, reference_bytes_per_voxel
@@ -75,6 +83,32 @@ def create_from_segmentation(
     if not cases:
         raise Invalid(f"no case with a reference has a finished {body.model!r} segmentation: segment first")
     params = EvaluationParams(**body.model_dump(), label_values="dataset", cases=cases, missing_cases=missing)
+    return _new_row(session, dataset, params, principal)
+
+
+def create_from_training(
+    session: Session, dataset: Dataset, body: EvaluationFromTraining, principal: Principal
+) -> Evaluation:
+    """Score a finished training's predictions (label maps in the dataset's values) of cases with a reference."""
+    training = TrainingRepository(session).find(body.training)
+    if training is None or training.dataset_id != dataset.id:
+        raise Invalid(f"training: training {body.training} is not a training of dataset {dataset.id}")
+    if training.status != JobStatus.finished:
+        raise Conflict(f"training {training.id} is {training.status}: evaluate it once it has finished")
+    with_reference = {v.id: v for v in VolumeRepository(session).list_for_dataset(dataset.id) if v.has_reference}
+    predicted = (training.result or {}).get("predictions") or []
+    cases = [EvaluationCase(case_id=with_reference[int(p["volume_id"])].case_id, volume_id=int(p["volume_id"]),
+                            prediction_key=str(p["key"]), prediction_file=f"{p['case_id']}.nii.gz")
+             for p in predicted if int(p["volume_id"]) in with_reference]
+    if not cases:
+        what = "no predictions (its export has no test cases)" if not predicted else \
+            f"no prediction of a case with a reference (predicted: {[p['case_id'] for p in predicted][:20]})"
+        raise Invalid(f"training {training.id} has {what}: nothing to evaluate")
+    test_cases = [c["case_id"] for c in (training.params or {}).get("test_cases", [])]
+    scored = {c.case_id for c in cases}
+    missing = sorted(c for c in test_cases if c not in scored)
+    params = EvaluationParams(source="training", training_id=training.id, label_values="dataset",
+                              nsd_tolerance_mm=body.nsd_tolerance_mm, cases=cases, missing_cases=missing)
     return _new_row(session, dataset, params, principal)
 
 
@@ -188,14 +222,24 @@ def finished_result(row: Evaluation) -> dict[str, Any]:
     return row.result
 
 
-def compare(session: Session, body: CompareRequest) -> dict[str, Any]:
-    """Paired Wilcoxon signed-rank test of ``metric`` per label and pooled, on the cases both evaluated."""
-    repo = EvaluationRepository(session)
-    a, b = repo.get(body.a), repo.get(body.b)
+def newest_training_evaluation(session: Session, training: Training) -> Evaluation:
+    """The newest finished evaluation of ``training`` (409 naming the training when it has none)."""
+    row = TrainingRepository(session).newest_finished_evaluation(training)
+    if row is None:
+        raise Conflict(f"training {training.id} has no finished evaluation: POST /api/v1/datasets/"
+                       f"{training.dataset_id}/evaluations {{\"source\": \"training\", \"training\": {training.id}}} "
+                       "and wait for it to finish")
+    return row
+
+
+def compare(session: Session, a: Evaluation, b: Evaluation, metric: CompareMetric,
+            trainings: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Paired Wilcoxon signed-rank test of ``metric`` per label and pooled, on the cases both evaluated
+    (``trainings``: the training ids the two evaluations were resolved from, echoed in the answer)."""
     if a.dataset_id != b.dataset_id:
         raise Invalid(f"evaluations {a.id} and {b.id} belong to different datasets")
     ra, rb = finished_result(a), finished_result(b)
-    key = METRIC_KEYS[body.metric]
+    key = METRIC_KEYS[metric]
     cases_a = {c["case_id"]: c for c in ra["cases"]}
     cases_b = {c["case_id"]: c for c in rb["cases"]}
     common = sorted(set(cases_a) & set(cases_b))
@@ -215,8 +259,11 @@ def compare(session: Session, body: CompareRequest) -> dict[str, Any]:
             side: sum(1 for c in common for name in labels if cases[c]["metrics"][name].get("HD95_penalized"))
             for side, cases in (("a", cases_a), ("b", cases_b))
         }
+    compared: dict[str, Any] = {"evaluations": {"a": a.id, "b": b.id}}
+    if trainings is not None:
+        compared["trainings"] = {"a": trainings[0], "b": trainings[1]}
     return json_safe({
-        "a": a.id, "b": b.id, "metric": body.metric, "cases": common,
+        "a": a.id, "b": b.id, **compared, "metric": metric, "cases": common,
         "per_label": per_label, "pooled": paired_wilcoxon(pooled_x, pooled_y), **extra,
         "test": "scipy.stats.wilcoxon, paired, two-sided, zero_method='wilcox'; pairs with a NaN side dropped",
         "effect_size": "matched-pairs rank-biserial correlation of a − b (+1: every pair favours a)",

@@ -56,8 +56,8 @@ def cancel_export(export_id: Id, session: SessionDep, _: Staff) -> ExportOut:
 @router.delete("/exports/{export_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(403, 404, 409, 422))
 def delete_export(export_id: Id, session: SessionDep, _: Staff) -> Response:
     """Delete an export and its files (once the deletion has committed). A queued one is canceled first;
-    a running one → 409 (cancel it, then delete it)."""
-    submit.delete(session, KIND, export_id, lambda row: [f"exports/{row.id}"])
+    a running one → 409 (cancel it, then delete it), as is one a queued or running training reads."""
+    service.delete(session, export_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.security import Principal
@@ -20,8 +21,9 @@ from app.exports.models import Export
 from app.exports.repository import ExportRepository, latest_finished_segmentation
 from app.exports.schemas import DATASET_NAME_PATTERN, ExportCreate, ExportFile, ExportOut
 from app.imaging import dicom_seg
+from app.jobs import submit
 from app.jobs.states import JobStatus
-from app.jobs.submit import stopping
+from app.jobs.submit import ACTIVE, stopping
 from app.segmentations import registry
 from app.volumes.repository import VolumeRepository
 
@@ -104,6 +106,21 @@ def create_export(session: Session, dataset: Dataset, body: ExportCreate, princi
     )
     session.flush()
     return row
+
+
+def delete(session: Session, export_id: int) -> None:
+    """Delete an export and (after the commit) its files; see :func:`app.jobs.submit.delete`.
+
+    Refused (409) while a queued or running training reads its files; finished trainings keep their
+    artefacts (their ``params`` keep the export's id)."""
+    from app.trainings.models import Training  # trainings build on exports: imported where it is needed
+
+    user = session.scalar(select(Training.id).where(Training.export_id == export_id,
+                                                    Training.status.in_(ACTIVE)).limit(1))
+    if user is not None:
+        raise Conflict(f"export {export_id} is used by training {user}, which has not finished: "
+                       "wait for it or cancel it first")
+    submit.delete(session, KIND, export_id, lambda row: [f"exports/{row.id}"])
 
 
 def archive_key(row: Export) -> str:

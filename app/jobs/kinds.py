@@ -14,9 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from app.core.config import get_settings
 from app.jobs.states import JobMixin
 
-KIND_MODULES = ("app.segmentations.jobs", "app.exports.jobs", "app.evaluations.jobs")
+KIND_MODULES = ("app.segmentations.jobs", "app.exports.jobs", "app.evaluations.jobs", "app.trainings.jobs")
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,15 @@ class JobKind:
     name: str  # job ids are "<name>-<row id>"
     model: type[Any]  # the ORM row class (a JobMixin)
     params: type[BaseModel]  # typed parameters: validated when the job is submitted and when it runs
-    queue: str  # "sam" (model work) or "cpu"
+    queue: str  # "sam" (model work), "cpu" or "train" (nnU-Net training)
     entry: str  # dotted path of the RQ function, called with the row id
     retry_intervals: tuple[int, ...]  # backoff (s) between attempts after a transient error
     describe: Callable[[Any], str]  # row → the RQ job's description
+    timeout_s: Callable[[], int] | None = None  # the job's time limit (read at enqueue); None: job_timeout_s
+
+    def job_timeout(self) -> int:
+        """Seconds one attempt may run: the kind's own limit, else ``CROWDSAM_JOB_TIMEOUT_S``."""
+        return self.timeout_s() if self.timeout_s is not None else get_settings().job_timeout_s
 
     def job_id(self, row_id: int) -> str:
         return f"{self.name}-{row_id}"

@@ -77,7 +77,7 @@ def enqueue(kind: JobKind, row_id: int, description: str) -> None:
         kind.entry,
         row_id,
         job_id=kind.job_id(row_id),
-        job_timeout=get_settings().job_timeout_s,
+        job_timeout=kind.job_timeout(),  # CROWDSAM_JOB_TIMEOUT_S, or the kind's own (trainings: hours)
         retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
         on_failure=Callback(FAILURE_CALLBACK),
         result_ttl=24 * 3600,

@@ -1,0 +1,326 @@
+"""The training job's worker side (issue 16): a real, tiny nnU-Net v2 training on CPU — no mocks.
+
+The data: ``example_ct`` cut into four 13-slice z-blocks over the abdomen, each a case with its
+TotalSegmentator reference reduced to spleen (1) and liver (5); three train cases, block 2 held out as the
+test case. The export is an ``ignore`` export (every 4th slice of the train cases unknown), written by the
+export's own writer, so it ships the ignore-aware ``dataset_fingerprint.json``, and its label values are
+not the dataset's (liver: export 2, dataset 5). The job runs through :func:`app.jobs.runner.run_job`
+exactly as a worker runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import CT_DIR
+
+FOLDER = "Dataset501_Tiny"
+BLOCKS = [(60, 73), (73, 86), (86, 99), (99, 112)]
+TEST_BLOCK = 2
+LABELS = {"spleen": 1, "liver": 5}
+TINY = {"configuration": "3d_fullres", "folds": ["all"], "trainer": "nnUNetTrainer", "epochs": 2,
+        "iterations_per_epoch": 3, "val_iterations_per_epoch": 1, "patch_size": [16, 48, 48], "batch_size": 2,
+        "gpu_memory_target_gb": None, "device": "cpu", "tta": False}
+
+
+@pytest.fixture(scope="module")
+def raw_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ``ignore`` export's folder, written once per module by the export's writer."""
+    from workers.nnunet import CaseInput, write_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    image: Any = nib.load(str(CT_DIR / "example_ct.nii.gz"))
+    seg = np.asarray(load(str(CT_DIR / "example_seg_fast_force_split.nii.gz")).dataobj)
+    cases = []
+    for i, (a, b) in enumerate(BLOCKS):
+        path = root / f"block{i}.nii.gz"
+        nib.save(image.slicer[:, :, a:b], str(path))
+        labels = seg[:, :, a:b].astype(np.int32)
+        labels[~np.isin(labels, list(LABELS.values()))] = 0
+        split = "test" if i == TEST_BLOCK else "train"
+        known = [k for k in range(b - a) if k % 4] if split == "train" else None
+        cases.append(CaseInput(f"blk{i}", split, path, labels, known, {"volume_id": 100 + i}))
+    return write_dataset(root / "raw", number=501, name="Tiny", dataset_labels=LABELS, cases=cases,
+                         unprompted="ignore")
+
+
+def load(path: str) -> Any:
+    """nibabel's image (typed loosely: its stubs know no ``dataobj``)."""
+    return nib.load(path)
+
+
+def make_training(folder: Path, **overrides: Any) -> int:
+    """A dataset, a finished export whose files are in the store (as the export job leaves them) and a queued
+    training row on it; returns the training's id."""
+    from app.core.db import session_scope
+    from app.core.storage import get_storage
+    from app.datasets.models import Dataset
+    from app.exports.models import Export
+    from app.trainings.models import Training
+    from workers.nnunet import manifest
+
+    files = manifest(folder)
+    with session_scope() as session:
+        dataset = Dataset(name="tiny", labels=LABELS, window_level=40, window_width=400)
+        session.add(dataset)
+        session.flush()
+        export = Export(dataset_id=dataset.id, format="nnunet-v2", params={}, status="finished", created_by="test",
+                        result={"folder": folder.name, "files": files})
+        session.add(export)
+        session.flush()
+        for row in files:
+            get_storage().put_file(f"exports/{export.id}/{row['path']}", folder.parent / row["path"])
+        params = {**TINY, "export_id": export.id, "dataset_number": 501, "folder": folder.name,
+                  "test_cases": [{"case_id": f"blk{TEST_BLOCK}", "volume_id": 100 + TEST_BLOCK}],
+                  "label_values_original": LABELS, "label_source": "segmentation", "unprompted": "ignore",
+                  **overrides}
+        training = Training(dataset_id=dataset.id, export_id=export.id, params=params, created_by="test")
+        session.add(training)
+        session.commit()
+        return int(training.id)
+
+
+def training_row(training_id: int) -> Any:
+    from app.core.db import session_scope
+    from app.trainings.models import Training
+
+    with session_scope() as session:
+        row = session.get(Training, training_id)
+        session.expunge(row)
+        return row
+
+
+def stored(prefix: str) -> list[str]:
+    from app.core.storage import get_storage
+
+    storage = get_storage()
+    return sorted(p[len(storage.root) + 1:] for p in storage.fs.find(f"{storage.root}/{prefix}"))
+
+
+def work_dirs() -> list[Path]:
+    """What attempts left in the trainings' work root (each attempt removes its own directory)."""
+    from app.core.config import get_settings
+
+    root = get_settings().cache_dir / "trainings"
+    return list(root.iterdir()) if root.exists() else []
+
+
+def nnunet_children() -> list[int]:
+    """Pids of live ``workers.nnunet_train`` processes started from this test session's work dirs."""
+    from app.core.config import get_settings
+
+    marker = str(get_settings().cache_dir / "trainings").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if b"workers.nnunet_train" in cmdline and marker in cmdline and state not in ("Z", "X"):
+            pids.append(int(proc.name))
+    return pids
+
+
+class ProgressWatcher(threading.Thread):
+    """Reads the row's progress every 0.2 s while the job runs (what a client polling the API sees)."""
+
+    def __init__(self, training_id: int, on_progress: Any = None) -> None:
+        super().__init__(daemon=True)
+        self.training_id, self.on_progress = training_id, on_progress
+        self.seen: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            progress = dict(training_row(self.training_id).progress or {})
+            if progress and (not self.seen or progress != self.seen[-1]):
+                self.seen.append(progress)
+                if self.on_progress is not None:
+                    self.on_progress(progress)
+
+
+def extract(archive: Path, target: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(target, filter="data")
+    return names
+
+
+def test_export_values_map_back_to_dataset_values(tmp_path: Path) -> None:
+    from workers.training import _needed, export_to_dataset, to_dataset_values
+
+    table = export_to_dataset({"background": 0, "spleen": 1, "liver": 2, "ignore": 3}, LABELS)
+    assert table.tolist() == [0, 1, 5]
+    with pytest.raises(ValueError, match="liver"):
+        export_to_dataset({"background": 0, "spleen": 1, "liver": 2}, {"spleen": 1})
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    nib.save(image, str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), 2, np.uint8), image.affine), str(tmp_path / "pred.nii.gz"))
+    to_dataset_values(tmp_path / "pred.nii.gz", tmp_path / "img.nii.gz", table, tmp_path / "out.nii.gz")
+    assert np.unique(np.asarray(load(str(tmp_path / "out.nii.gz")).dataobj)).tolist() == [5]
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), 3, np.uint8), image.affine), str(tmp_path / "bad.nii.gz"))
+    with pytest.raises(ValueError, match="not export labels"):  # ignore (3) is never a prediction
+        to_dataset_values(tmp_path / "bad.nii.gz", tmp_path / "img.nii.gz", table, tmp_path / "out2.nii.gz")
+    tests = {"blk2"}
+    assert _needed(f"{FOLDER}/imagesTr/blk0_0000.nii.gz", FOLDER, tests)
+    assert _needed(f"{FOLDER}/imagesTs/blk2_0000.nii.gz", FOLDER, tests)
+    assert not _needed(f"{FOLDER}/imagesTs/blk9_0000.nii.gz", FOLDER, tests)
+    assert not _needed(f"{FOLDER}/labelsTs/blk2.nii.gz", FOLDER, tests)
+    assert _needed(f"{FOLDER}/dataset_fingerprint.json", FOLDER, tests)
+
+
+@pytest.mark.slow
+def test_tiny_cpu_training_trains_predicts_and_stores_a_loadable_model(raw_dataset: Path, tmp_path: Path) -> None:
+    from app.core.storage import get_storage
+    from app.jobs.runner import run_job
+    from workers.training import train
+
+    training_id = make_training(raw_dataset)
+    watcher = ProgressWatcher(training_id)
+    watcher.start()
+    started = time.perf_counter()
+    try:
+        outcome = run_job("training", training_id, train)
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    wall = time.perf_counter() - started
+    row = training_row(training_id)
+    assert outcome["status"] == "finished" and row.status == "finished", row.error
+    result = row.result
+    print(f"\ntiny CPU training: wall {wall:.1f} s, phases {result['timings']}")
+
+    # progress while it ran: epochs of the one fold, with losses and pseudo-Dice per label
+    phases = [p.get("phase") for p in watcher.seen]
+    assert "train" in phases, watcher.seen
+    assert row.progress["done"] == row.progress["total"] == 2
+    assert row.progress["device"] == "cpu"
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    for epoch in result["history"]:
+        assert set(epoch["pseudo_dice"]) == {"spleen", "liver"}
+        assert epoch["train_loss"] > -2 and epoch["val_loss"] > -2 and epoch["epoch_s"] > 0
+        assert epoch["fold"] == "all" and epoch["epochs"] == 2
+    assert {"download", "plan", "preprocess", "train", "predict", "store", "total"} <= set(result["timings"])
+
+    # nnU-Net planned with the export's ignore-aware fingerprint and the requested patch/batch size
+    shipped = json.loads((raw_dataset / "dataset_fingerprint.json").read_text())
+    assert result["fingerprint"] == "export"
+    assert result["plans"]["foreground_intensity_properties_per_channel"] == \
+        shipped["foreground_intensity_properties_per_channel"]
+    plans = result["plans"]
+    assert plans["patch_size"] == [16, 48, 48] and plans["batch_size"] == 2
+    # the topology was re-derived for that patch: every pooling fits, the coarsest map is ≥ 4 voxels per axis
+    pooled = np.prod(np.array(plans["strides"]), axis=0)
+    assert len(plans["strides"]) == plans["n_stages"] == 4
+    assert (np.array(plans["patch_size"]) % pooled == 0).all() and (np.array(plans["patch_size"]) // pooled >= 4).all()
+    assert result["device"] == "cpu" and result["versions"]["nnunetv2"]
+
+    # artefacts
+    prefix = f"trainings/{training_id}"
+    key = f"{prefix}/predictions/blk{TEST_BLOCK}.nii.gz"
+    assert row.model_key == f"{prefix}/model.tar.gz" and row.predictions_key == f"{prefix}/predictions.tar.gz"
+    assert result["predictions"] == [{"case_id": f"blk{TEST_BLOCK}", "volume_id": 100 + TEST_BLOCK, "key": key}]
+    assert stored(prefix) == sorted([row.model_key, row.predictions_key, key])
+    storage = get_storage()
+    results_dir = tmp_path / "nnUNet_results"
+    with storage.local_copy(row.model_key) as path:
+        names = extract(path, results_dir)
+    model = f"{FOLDER}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+    assert result["model_folder"] == model
+    for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "fold_all/checkpoint_final.pth",
+                 "fold_all/progress.png", "fold_all/debug.json"):
+        assert f"{model}/{name}" in names, names
+    assert any(n.startswith(f"{model}/fold_all/training_log_") for n in names)
+    assert not any(n.endswith("checkpoint_best.pth") for n in names)
+    with storage.local_copy(row.predictions_key) as path:
+        pred_names = extract(path, tmp_path / "archive")
+    assert f"predictions/blk{TEST_BLOCK}.nii.gz" in pred_names and "predictions/plans.json" in pred_names
+
+    # the checkpoint loads in nnUNetPredictor as nnU-Net's own model and predicts what the job predicted
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(results_dir / model), use_folds=("all",))
+    test_image = raw_dataset / "imagesTs" / f"blk{TEST_BLOCK}_0000.nii.gz"
+    (tmp_path / "again").mkdir()
+    predictor.predict_from_files_sequential([[str(test_image)]], [str(tmp_path / "again" / f"blk{TEST_BLOCK}")])
+    again = np.asarray(load(str(tmp_path / "again" / f"blk{TEST_BLOCK}.nii.gz")).dataobj)
+    archived = np.asarray(load(str(tmp_path / "archive" / "predictions" / f"blk{TEST_BLOCK}.nii.gz")).dataobj)
+    assert again.shape == archived.shape and (again == archived).mean() > 0.999
+
+    # the dataset-valued map: the test image's grid and header, dataset values (export liver 2 → 5)
+    image: Any = nib.load(str(test_image))
+    with storage.local_copy(key) as path:
+        mapped_image: Any = nib.load(str(path))
+        mapped = np.asarray(mapped_image.dataobj).astype(np.int32)
+    assert mapped.shape == image.shape and np.allclose(mapped_image.affine, image.affine)
+    assert int(mapped_image.header["sform_code"]) == int(image.header["sform_code"])
+    assert set(np.unique(mapped).tolist()) <= {0, 1, 5}
+    np.testing.assert_array_equal(mapped, np.array([0, 1, 5])[archived.astype(np.int64)])
+    assert work_dirs() == []
+
+
+@pytest.mark.slow
+def test_cancel_mid_training_kills_the_child_and_leaves_no_file(raw_dataset: Path) -> None:
+    from app.core.redis import get_redis
+    from app.jobs.kinds import get_kind
+    from app.jobs.runner import run_job
+    from workers.training import train
+
+    training_id = make_training(raw_dataset, epochs=200)
+    kind = get_kind("training")
+    children: list[int] = []
+
+    def cancel_once_training(progress: dict[str, Any]) -> None:
+        if progress.get("phase") == "train" and not children:
+            children.extend(nnunet_children())
+            get_redis().set(kind.cancel_key(training_id), 1)
+
+    watcher = ProgressWatcher(training_id, cancel_once_training)
+    watcher.start()
+    started = time.perf_counter()
+    try:
+        outcome = run_job("training", training_id, train)
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    print(f"\ncancel: job stopped {time.perf_counter() - started:.1f} s after its start")
+    row = training_row(training_id)
+    assert outcome["status"] == "canceled" and row.status == "canceled"
+    assert children, "the child was not running when the cancel was requested"
+    assert nnunet_children() == []
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+    assert stored(f"trainings/{training_id}") == []
+    assert work_dirs() == []
+
+
+@pytest.mark.slow
+def test_nnunet_failure_fails_the_job_with_its_stderr(raw_dataset: Path) -> None:
+    from app.core.errors import PermanentJobError
+    from app.jobs.runner import run_job
+    from workers.training import train
+
+    training_id = make_training(raw_dataset, configuration="3d_lowres", patch_size=None, batch_size=None)
+    with pytest.raises(PermanentJobError):
+        run_job("training", training_id, train)
+    row = training_row(training_id)
+    assert row.status == "failed"
+    assert "3d_lowres" in row.error and "during plan" in row.error, row.error
+    assert stored(f"trainings/{training_id}") == []
+    assert work_dirs() == []
