@@ -1,15 +1,21 @@
-"""Issue 16 end to end through the API: upload → export → a tiny CPU nnU-Net training on the ``train`` queue
-(progress visible while it runs) → its checkpoint and predictions downloaded → evaluated against the references.
+"""Issue 16 end to end through the API: upload → an ``ignore`` export of crowd labels → a tiny CPU nnU-Net
+training on the ``train`` queue (progress visible while it runs) → its checkpoint (loaded by nnU-Net's own
+predictor) and predictions downloaded → evaluated against the references.
 
 Cases: ``example_ct`` cut into four 13-slice z-blocks over the abdomen, each uploaded with its reference;
-block 2 is the test split. The budget is tiny (2 epochs × 3 iterations, 16×48×48 patches): this checks the
-loop, not the model's quality (bench/study_loop.py prints the numbers).
+block 2 is the test split. The training cases' "crowd" labels are finished segmentations made from their
+references with every 4th slice unprompted (``add_finished_segmentation``: no model run), so the export marks
+those slices ``ignore`` and ships the ignore-aware fingerprint nnU-Net must plan with. The budget is tiny
+(2 epochs × 3 iterations, 16×48×48 patches): this checks the loop, not the model's quality
+(bench/study_loop.py prints the numbers). The worker side's cancel and failure paths:
+tests/test_training_runner.py.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
 import threading
 import time
@@ -21,7 +27,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import CT_DIR
-from tests.helpers_exporteval import upload_case
+from tests.helpers_exporteval import add_finished_segmentation, upload_case
 
 BLOCKS = [(60, 73), (73, 86), (86, 99), (99, 112)]
 TEST_BLOCK = 2
@@ -45,13 +51,21 @@ def _blocks(tmp: Path) -> list[tuple[str, str, Path, Path]]:
 @pytest.mark.slow
 def test_a_training_runs_from_the_api_on_cpu_and_is_evaluated(client, tokens, dataset, run_jobs,  # type: ignore[no-untyped-def]
                                                                tmp_path: Path) -> None:
+    from app.core.config import get_settings
+    from app.core.storage import get_storage
+
     headers = tokens.headers(H)
     did = dataset["id"]
     volumes = {case: upload_case(client, tokens, did, case, image, ref, split=split)
                for case, split, image, ref in _blocks(tmp_path)}
     test_case = f"blk{TEST_BLOCK}"
+    for volume in volumes.values():
+        if volume["split"] == "train":
+            add_finished_segmentation(volume["id"], keep_every=4)
 
-    made = client.post(f"/api/v1/datasets/{did}/exports", json={"dataset_number": 611}, headers=headers)
+    made = client.post(f"/api/v1/datasets/{did}/exports", json={
+        "dataset_number": 611, "label_source": "segmentation", "model": "litemedsam", "unprompted": "ignore"},
+        headers=headers)
     assert made.status_code == 202, made.text
     run_jobs("cpu")
     export = client.get(f"/api/v1/exports/{made.json()['id']}", headers=headers).json()
@@ -92,15 +106,32 @@ def test_a_training_runs_from_the_api_on_cpu_and_is_evaluated(client, tokens, da
 
     result = row["result"]
     assert [p["case_id"] for p in result["predictions"]] == [test_case]
-    assert len(result["history"]) == TINY["epochs"]
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    for epoch in result["history"]:
+        assert set(epoch["pseudo_dice"]) <= set(dataset["labels"]) and epoch["epoch_s"] > 0
+    print(f"\ntiny CPU training from the API: phases {result['timings']}")
 
-    # Artefacts: nnU-Net's model folder (loadable with nnUNetv2_predict) and its predictions.
+    # nnU-Net planned with the export's ignore-aware fingerprint, the requested patch and a topology that fits it.
+    folder = export["folder"]
+    shipped = json.loads(get_storage().read_bytes(f"exports/{export['id']}/{folder}/dataset_fingerprint.json"))
+    plans = result["plans"]
+    assert result["fingerprint"] == "export"
+    key = "foreground_intensity_properties_per_channel"
+    assert plans[key] == shipped[key]
+    assert plans["patch_size"] == TINY["patch_size"] and plans["batch_size"] == TINY["batch_size"]
+    pooled = np.prod(np.array(plans["strides"]), axis=0)
+    assert (np.array(plans["patch_size"]) % pooled == 0).all()
+
+    # Artefacts: nnU-Net's model folder, which its own predictor loads, and the predictions it made.
     checkpoint = client.get(f"{url}/checkpoint", headers=headers)
     assert checkpoint.status_code == 200, checkpoint.text
+    results_dir = tmp_path / "nnUNet_results"
     with tarfile.open(fileobj=io.BytesIO(checkpoint.content)) as tar:
         names = tar.getnames()
-    assert any(n.endswith("fold_all/checkpoint_final.pth") for n in names), names
-    assert any(n.endswith("/plans.json") for n in names) and any(n.endswith("/dataset.json") for n in names)
+        tar.extractall(results_dir, filter="data")
+    model = f"{folder}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+    for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "fold_all/checkpoint_final.pth"):
+        assert f"{model}/{name}" in names, names
     predictions = client.get(f"{url}/predictions", headers=headers)
     assert predictions.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(predictions.content)) as tar:
@@ -109,7 +140,23 @@ def test_a_training_runs_from_the_api_on_cpu_and_is_evaluated(client, tokens, da
         assert extracted is not None
         predicted = nib.Nifti1Image.from_bytes(gzip.decompress(extracted.read()))
     assert predicted.shape == tuple(volumes[test_case]["shape"])
-    assert set(np.unique(np.asarray(predicted.dataobj)).tolist()) <= set(range(len(dataset["labels"]) + 1))
+    archived = np.asarray(predicted.dataobj)
+    n_export_labels = len(export["dataset_json"]["labels"])
+    assert set(np.unique(archived).tolist()) <= set(range(n_export_labels))
+
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(results_dir / model), use_folds=("all",))
+    test_image = tmp_path / f"{test_case}_0000.nii.gz"
+    test_image.write_bytes(get_storage().read_bytes(f"exports/{export['id']}/{folder}/imagesTs/{test_case}_0000.nii.gz"))
+    predictor.predict_from_files_sequential([[str(test_image)]], [str(tmp_path / "again")])
+    again = np.asarray(nib.load(str(tmp_path / "again.nii.gz")).dataobj)  # type: ignore[attr-defined]
+    assert again.shape == archived.shape and (again == archived).mean() > 0.999
+    work = get_settings().cache_dir / "trainings"
+    assert not work.exists() or not any(work.iterdir())  # the attempt's nnUNet_* folders are gone
 
     # Its predictions scored against the test case's reference with the service's metrics.
     made = client.post(f"/api/v1/datasets/{did}/evaluations", json={"source": "training", "training": row["id"]},

@@ -5,13 +5,13 @@ TotalSegmentator reference reduced to spleen (1) and liver (5); three train case
 test case. The export is an ``ignore`` export (every 4th slice of the train cases unknown), written by the
 export's own writer, so it ships the ignore-aware ``dataset_fingerprint.json``, and its label values are
 not the dataset's (liver: export 2, dataset 5). The job runs through :func:`app.jobs.runner.run_job`
-exactly as a worker runs it.
+exactly as a worker runs it. The successful path (progress, the fingerprint nnU-Net planned with, artefacts,
+the checkpoint loading in nnU-Net's own predictor, evaluation) runs through the API in
+tests/test_training_e2e.py; here: the cancel and failure paths and the value mapping.
 """
 
 from __future__ import annotations
 
-import json
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -151,13 +151,6 @@ class ProgressWatcher(threading.Thread):
                     self.on_progress(progress)
 
 
-def extract(archive: Path, target: Path) -> list[str]:
-    with tarfile.open(archive) as tar:
-        names = tar.getnames()
-        tar.extractall(target, filter="data")
-    return names
-
-
 def test_export_values_map_back_to_dataset_values(tmp_path: Path) -> None:
     from workers.training import _needed, export_to_dataset, to_dataset_values
 
@@ -179,99 +172,6 @@ def test_export_values_map_back_to_dataset_values(tmp_path: Path) -> None:
     assert not _needed(f"{FOLDER}/imagesTs/blk9_0000.nii.gz", FOLDER, tests)
     assert not _needed(f"{FOLDER}/labelsTs/blk2.nii.gz", FOLDER, tests)
     assert _needed(f"{FOLDER}/dataset_fingerprint.json", FOLDER, tests)
-
-
-@pytest.mark.slow
-def test_tiny_cpu_training_trains_predicts_and_stores_a_loadable_model(raw_dataset: Path, tmp_path: Path) -> None:
-    from app.core.storage import get_storage
-    from app.jobs.runner import run_job
-    from workers.training import train
-
-    training_id = make_training(raw_dataset)
-    watcher = ProgressWatcher(training_id)
-    watcher.start()
-    started = time.perf_counter()
-    try:
-        outcome = run_job("training", training_id, train)
-    finally:
-        watcher.stop.set()
-        watcher.join()
-    wall = time.perf_counter() - started
-    row = training_row(training_id)
-    assert outcome["status"] == "finished" and row.status == "finished", row.error
-    result = row.result
-    print(f"\ntiny CPU training: wall {wall:.1f} s, phases {result['timings']}")
-
-    # progress while it ran: epochs of the one fold, with losses and pseudo-Dice per label
-    phases = [p.get("phase") for p in watcher.seen]
-    assert "train" in phases, watcher.seen
-    assert row.progress["done"] == row.progress["total"] == 2
-    assert row.progress["device"] == "cpu"
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
-    for epoch in result["history"]:
-        assert set(epoch["pseudo_dice"]) == {"spleen", "liver"}
-        assert epoch["train_loss"] > -2 and epoch["val_loss"] > -2 and epoch["epoch_s"] > 0
-        assert epoch["fold"] == "all" and epoch["epochs"] == 2
-    assert {"download", "plan", "preprocess", "train", "predict", "store", "total"} <= set(result["timings"])
-
-    # nnU-Net planned with the export's ignore-aware fingerprint and the requested patch/batch size
-    shipped = json.loads((raw_dataset / "dataset_fingerprint.json").read_text())
-    assert result["fingerprint"] == "export"
-    assert result["plans"]["foreground_intensity_properties_per_channel"] == \
-        shipped["foreground_intensity_properties_per_channel"]
-    plans = result["plans"]
-    assert plans["patch_size"] == [16, 48, 48] and plans["batch_size"] == 2
-    # the topology was re-derived for that patch: every pooling fits, the coarsest map is ≥ 4 voxels per axis
-    pooled = np.prod(np.array(plans["strides"]), axis=0)
-    assert len(plans["strides"]) == plans["n_stages"] == 4
-    assert (np.array(plans["patch_size"]) % pooled == 0).all() and (np.array(plans["patch_size"]) // pooled >= 4).all()
-    assert result["device"] == "cpu" and result["versions"]["nnunetv2"]
-
-    # artefacts
-    prefix = f"trainings/{training_id}"
-    key = f"{prefix}/predictions/blk{TEST_BLOCK}.nii.gz"
-    assert row.model_key == f"{prefix}/model.tar.gz" and row.predictions_key == f"{prefix}/predictions.tar.gz"
-    assert result["predictions"] == [{"case_id": f"blk{TEST_BLOCK}", "volume_id": 100 + TEST_BLOCK, "key": key}]
-    assert stored(prefix) == sorted([row.model_key, row.predictions_key, key])
-    storage = get_storage()
-    results_dir = tmp_path / "nnUNet_results"
-    with storage.local_copy(row.model_key) as path:
-        names = extract(path, results_dir)
-    model = f"{FOLDER}/nnUNetTrainer__nnUNetPlans__3d_fullres"
-    assert result["model_folder"] == model
-    for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "fold_all/checkpoint_final.pth",
-                 "fold_all/progress.png", "fold_all/debug.json"):
-        assert f"{model}/{name}" in names, names
-    assert any(n.startswith(f"{model}/fold_all/training_log_") for n in names)
-    assert not any(n.endswith("checkpoint_best.pth") for n in names)
-    with storage.local_copy(row.predictions_key) as path:
-        pred_names = extract(path, tmp_path / "archive")
-    assert f"predictions/blk{TEST_BLOCK}.nii.gz" in pred_names and "predictions/plans.json" in pred_names
-
-    # the checkpoint loads in nnUNetPredictor as nnU-Net's own model and predicts what the job predicted
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(results_dir / model), use_folds=("all",))
-    test_image = raw_dataset / "imagesTs" / f"blk{TEST_BLOCK}_0000.nii.gz"
-    (tmp_path / "again").mkdir()
-    predictor.predict_from_files_sequential([[str(test_image)]], [str(tmp_path / "again" / f"blk{TEST_BLOCK}")])
-    again = np.asarray(load(str(tmp_path / "again" / f"blk{TEST_BLOCK}.nii.gz")).dataobj)
-    archived = np.asarray(load(str(tmp_path / "archive" / "predictions" / f"blk{TEST_BLOCK}.nii.gz")).dataobj)
-    assert again.shape == archived.shape and (again == archived).mean() > 0.999
-
-    # the dataset-valued map: the test image's grid and header, dataset values (export liver 2 → 5)
-    image: Any = nib.load(str(test_image))
-    with storage.local_copy(key) as path:
-        mapped_image: Any = nib.load(str(path))
-        mapped = np.asarray(mapped_image.dataobj).astype(np.int32)
-    assert mapped.shape == image.shape and np.allclose(mapped_image.affine, image.affine)
-    assert int(mapped_image.header["sform_code"]) == int(image.header["sform_code"])
-    assert set(np.unique(mapped).tolist()) <= {0, 1, 5}
-    np.testing.assert_array_equal(mapped, np.array([0, 1, 5])[archived.astype(np.int64)])
-    assert work_dirs() == []
 
 
 @pytest.mark.slow
