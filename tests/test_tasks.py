@@ -384,3 +384,97 @@ def test_gold_slices_are_mixed_in_at_the_gold_rate_and_look_like_any_task(client
     # without gold, the volume with the reference is ordinary work, in volume order
     client.patch(f"/api/v1/datasets/{ds}", headers=tokens.headers("researcher"), json={"tasks": {"gold_rate": 0}})
     assert _next(client, _token("g-late"), ds).json()["volume_id"] == gold["id"]
+
+
+def _ahead(client, headers, dataset_id, ahead=1):  # type: ignore[no-untyped-def]
+    return client.get(f"/api/v1/tasks/next?dataset={dataset_id}&ahead={ahead}", headers=headers)
+
+
+def _expiry(task: dict) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(task["lease_expires_at"]).timestamp()
+
+
+def _pair(task: dict) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    nxt = task["next"]
+    return (task["volume_id"], task["slice"]), (nxt["volume_id"], nxt["slice"]) if nxt else None
+
+
+def test_ahead_leases_the_next_task_too(client, tokens, dataset, kidney_volume):
+    """?ahead=1 hands the task and the one after it (both leased); a reload gives the same pair; once the task
+    is answered the former ``next`` is the task and a new ``next`` comes; others are steered away from both."""
+    a, ds, vid = tokens.headers("annotator"), dataset["id"], kidney_volume["id"]
+    first = _ahead(client, a, ds)
+    assert first.status_code == 200, first.text
+    task = first.json()
+    (tv, tk), nxt = _pair(task)
+    assert nxt is not None and nxt != (tv, tk) and (tk, nxt[1]) == (0, 1)  # the order the next calls would take
+    assert task["done"] == 0 and task["next"]["done"] == 1 and "next" not in task["next"]
+    assert task["next"]["slice_url"] == f"/api/v1/volumes/{vid}/slices/{nxt[1]}.png"
+    mine = {(x.volume_id, x.slice) for x in leases.active(ds) if x.annotator == "annotator"}
+    assert mine == {(tv, tk), nxt}
+    # A reload (any number of them) gives the same pair in the same order, both leases renewed.
+    for _ in range(3):
+        again = _ahead(client, a, ds).json()
+        assert _pair(again) == ((tv, tk), nxt)
+        assert _expiry(again) >= _expiry(task) and _expiry(again["next"]) > _expiry(again)
+    # ahead=0 from the same annotator hands the task (not the look-ahead slice), without `next`.
+    plain = _next(client, a, ds).json()
+    assert (plain["volume_id"], plain["slice"]) == (tv, tk) and "next" not in plain
+    # Another annotator is steered away from both.
+    other = _ahead(client, tokens.headers("annotator2"), ds).json()
+    theirs = _pair(other)
+    assert not {theirs[0], theirs[1]} & {(tv, tk), nxt} and theirs[0] != theirs[1]
+    # Answering the task: the former `next` becomes the task (lease renewed), a new `next` is leased.
+    assert client.post(f"/api/v1/volumes/{tv}/prompts", json={"seen": [tk]}, headers=a).status_code == 201
+    after = _ahead(client, a, ds).json()
+    (av, ak), new_next = _pair(after)
+    assert (av, ak) == nxt and after["done"] == 1 and new_next is not None
+    assert new_next not in ((tv, tk), nxt, theirs[0], theirs[1])
+    assert _expiry(after) > _expiry(task["next"])  # the former `next` was renewed as it became the task
+    assert _pair(_ahead(client, a, ds).json()) == (nxt, new_next)
+
+
+def test_ahead_walks_every_slice_once_and_ends_with_no_next(client, tokens, dataset, kidney_volume):
+    """Working through a volume with ?ahead=1 hands every slice once, in the order ahead=0 would, and the last
+    task's ``next`` is null."""
+    a, ds, vid = _token("ahead-walker"), dataset["id"], kidney_volume["id"]
+    handed: list[int] = []
+    previous_next = None
+    while True:
+        r = _ahead(client, a, ds)
+        if r.status_code == 204:
+            break
+        task = r.json()
+        assert task["done"] == len(handed)
+        if previous_next is not None:
+            assert task["slice"] == previous_next
+        handed.append(task["slice"])
+        previous_next = task["next"]["slice"] if task["next"] else None
+        if len(handed) < 30:
+            assert previous_next is not None
+        assert client.post(f"/api/v1/volumes/{vid}/prompts", json={"seen": [task["slice"]]},
+                           headers=a).status_code == 201
+    assert handed == list(range(30)) and previous_next is None
+
+
+def test_ahead_is_validated(client, tokens, dataset, kidney_volume):
+    a, ds = tokens.headers("annotator"), dataset["id"]
+    for bad in ("2", "-1", "x"):
+        r = client.get(f"/api/v1/tasks/next?dataset={ds}&ahead={bad}", headers=a)
+        assert r.status_code == 422, (bad, r.text)
+        assert "ahead" in r.text
+    assert not [x for x in leases.active(ds) if x.annotator == "annotator"]  # nothing leased by a refused call
+    zero = _ahead(client, a, ds, ahead=0)
+    assert zero.status_code == 200 and "next" not in zero.json()
+
+
+def test_annotator_may_fetch_the_embedding_of_next(client, tokens, dataset, kidney_volume):
+    a, ds, vid = tokens.headers("annotator"), dataset["id"], kidney_volume["id"]
+    task = _ahead(client, a, ds).json()
+    nk = task["next"]["slice"]
+    url = f"/api/v1/volumes/{vid}/slices/{nk}/embedding?model=litemedsam"
+    assert client.get(url, headers=tokens.headers("annotator2")).status_code == 403  # not theirs
+    fetched = client.get(url, headers=a)
+    assert fetched.status_code in (200, 202), fetched.text
+    assert client.get(task["next"]["slice_url"], headers=a).status_code == 200

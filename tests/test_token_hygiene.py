@@ -143,7 +143,8 @@ def test_every_response_has_the_security_headers(client, tokens) -> None:
                           ("/api/v1/nothing", {}), ("/openapi.json", {})]:
         response = client.get(path, headers=headers)
         assert response.headers["content-security-policy"] == (
-            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"), path
+            "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; frame-ancestors 'none'; base-uri 'none'; "
+            "form-action 'self'"), path
         assert response.headers["x-content-type-options"] == "nosniff", path
         assert response.headers["referrer-policy"] == "no-referrer", path
         assert response.headers["x-frame-options"] == "DENY", path

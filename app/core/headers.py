@@ -15,7 +15,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+# 'wasm-unsafe-eval' lets the pages compile WebAssembly (the vendored onnxruntime-web that runs SAM's prompt
+# decoder, app/static/vendor/); it allows no JavaScript eval and no other origin.
+CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; frame-ancestors 'none'; base-uri 'none'; "
+       "form-action 'self'")
 DOCS_CSP = "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
 

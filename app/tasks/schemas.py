@@ -17,4 +17,8 @@ class TaskOut(BaseModel):
     slice_url: str
     display_size: list[int] = Field(description="[width, height] of the display slice")
     lease_expires_at: datetime
-    done: int = Field(description="slices of this dataset the annotator has seen")
+    done: int = Field(description="slices of this dataset the annotator has seen (in `next`: once this is answered)")
+    next: TaskOut | None = Field(
+        default=None,
+        description="with ?ahead=1 only: the task after this one, leased too (null when none is left)",
+    )

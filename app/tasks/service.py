@@ -13,7 +13,12 @@ Since undisputed slices stop at ``min_views``, every slice reaches ``min_views``
 extra view, and disputed slices get theirs before undisputed ones at the same count. The first
 candidate with a free lease slot is leased to the caller for ``task_lease_s``. A caller who holds a
 live lease on a slice they have not answered gets that slice again (lease renewed), so retries and
-reloads do not fan out.
+reloads do not fan out; with several such leases, the earliest-expiring first.
+
+Look-ahead (``ahead=1``): after the task, the same choice is made again as if the task were answered
+(it is excluded, the gold coin is the next task number's) and that slice is leased too and returned as
+``next``. The task is always renewed before ``next``, so it expires first: a reload hands the same pair
+in the same order, and once the task is answered the former ``next`` (then the only held lease) is the task.
 
 Gold: with ``gold_rate`` > 0, a share of tasks (decided per annotator and task number by a hash, so a
 reload decides the same) is drawn uniformly from unseen slices of volumes with a reference, whatever
@@ -58,7 +63,8 @@ def gold_draw(dataset_id: int, annotator: str, done: int) -> float:
     return int(sha256_text(f"gold:{dataset_id}:{annotator}:{done}")[:16], 16) / 16**16
 
 
-def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | None:
+def next_task(session: Session, dataset_id: int, who: Principal, ahead: int = 0) -> TaskOut | None:
+    """The caller's task, leased to them; with ``ahead=1`` also the one after it, leased too, as ``next``."""
     settings = get_settings()
     dataset = DatasetRepository(session).get(dataset_id)
     policy = dataset.tasks
@@ -76,18 +82,13 @@ def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | No
     active = leases.active(dataset_id)
     others = leases.busy(active, exclude=who.name)
 
-    def task(volume_id: int, k: int, expires_at: float) -> TaskOut:
-        preencode.request(volume_id, [k])  # its embedding is ready when the crowd's masks are asked for
-        return _task(by_id[volume_id], dataset.labels, k, expires_at, len(mine))
-
-    # A slice leased to the caller and not answered yet comes back (a reload, a retry).
-    held = sorted({(lease.volume_id, lease.slice) for lease in active if lease.annotator == who.name} - mine)
-    for volume_id, k in held:
-        if volume_id in by_id:
-            lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
-            if lease is not None:
-                return task(volume_id, k, lease.expires_at)
-    held_set = set(held)
+    # Slices leased to the caller and not answered yet come back (a reload, a retry), earliest expiry first:
+    # the task is renewed before the look-ahead slice, so the task always expires first and keeps its place.
+    held = sorted((lease.expires_at, lease.volume_id, lease.slice) for lease in active
+                  if lease.annotator == who.name and (lease.volume_id, lease.slice) not in mine
+                  and lease.volume_id in by_id)
+    held_set = {(volume_id, k) for _, volume_id, k in held}
+    full: list[Candidate] | None = None  # the ranking, computed at most once per call
 
     def fresh(limit: int) -> list[Candidate]:
         """The first ``limit`` slices of tier 0 that nobody has seen or holds, in volume and slice order."""
@@ -108,6 +109,9 @@ def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | No
 
     def ranked() -> list[Candidate]:
         """Every slice this annotator may still be given, best first."""
+        nonlocal full
+        if full is not None:
+            return full
         # Agreement changes nothing when no slice can get extra views and none below min_views has two answers.
         levels = agreement.disputed(session, dataset_id, min_agreement) if max_views > min_views or min_views > 2 \
             else {}
@@ -123,35 +127,57 @@ def next_task(session: Session, dataset_id: int, who: Principal) -> TaskOut | No
                     continue
                 out.append((vtier, seen + others.get(key, 0), level - 1.0, order, k, vid, target - seen))
         out.sort()
+        full = out
         return out
 
-    head = fresh(FAST_PATH_SLICES)
-    full: list[Candidate] | None = None
-    if not head:
-        full = ranked()
-        if not full:
+    def pick(handed: set[tuple[int, int]]) -> leases.Lease | None:
+        """Lease the caller's next slice, choosing as if the slices ``handed`` in this call were answered."""
+        for _, volume_id, k in held:
+            if (volume_id, k) not in handed:
+                lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
+                if lease is not None:
+                    return lease
+
+        def unhanded(candidates: list[Candidate]) -> list[Candidate]:
+            return [c for c in candidates if (c[5], c[4]) not in handed]
+
+        head = unhanded(fresh(FAST_PATH_SLICES + len(handed)))[:FAST_PATH_SLICES]
+        if not head and not unhanded(ranked()):
             return None  # nothing left for this annotator: no gold either
 
-    if gold_rate > 0 and gold_draw(dataset_id, who.name, len(mine)) < gold_rate:
-        gold = [(v.id, k) for v in volumes if v.reference_key is not None for k in range(v.n_slices)
-                if (v.id, k) not in mine and (v.id, k) not in held_set]
-        rng = random.Random(sha256_text(f"gold-pick:{dataset_id}:{who.name}:{len(mine)}"))
-        for volume_id, k in rng.sample(gold, min(GOLD_TRIES, len(gold))):
-            lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
-            if lease is not None:
-                return task(volume_id, k, lease.expires_at)
+        done = len(mine) + len(handed)
+        if gold_rate > 0 and gold_draw(dataset_id, who.name, done) < gold_rate:
+            gold = [(v.id, k) for v in volumes if v.reference_key is not None for k in range(v.n_slices)
+                    if (v.id, k) not in mine and (v.id, k) not in held_set and (v.id, k) not in handed]
+            rng = random.Random(sha256_text(f"gold-pick:{dataset_id}:{who.name}:{done}"))
+            for volume_id, k in rng.sample(gold, min(GOLD_TRIES, len(gold))):
+                lease = leases.claim(dataset_id, volume_id, k, who.name, max_views, settings.task_lease_s)
+                if lease is not None:
+                    return lease
 
-    # First only slices no busier than when ranked (concurrent callers spread out), then any slice with a
-    # free slot. Most calls succeed among the first free slices; the full ranking decides when they are taken.
-    for strict, candidates in ((True, head), (True, None), (False, None)):
-        if candidates is None:
-            full = candidates = full if full is not None else ranked()
-        for *_, k, volume_id, capacity in candidates:
-            max_busy = others.get((volume_id, k), 0) if strict else None
-            lease = leases.claim(dataset_id, volume_id, k, who.name, capacity, settings.task_lease_s, max_busy)
-            if lease is not None:
-                return task(volume_id, k, lease.expires_at)
-    return None
+        # First only slices no busier than when ranked (concurrent callers spread out), then any slice with a
+        # free slot. Most calls succeed among the first free slices; the full ranking decides when they are taken.
+        for strict, candidates in ((True, head), (True, None), (False, None)):
+            for *_, k, volume_id, capacity in unhanded(candidates if candidates is not None else ranked()):
+                max_busy = others.get((volume_id, k), 0) if strict else None
+                lease = leases.claim(dataset_id, volume_id, k, who.name, capacity, settings.task_lease_s, max_busy)
+                if lease is not None:
+                    return lease
+        return None
+
+    def task(lease: leases.Lease, done: int) -> TaskOut:
+        preencode.request(lease.volume_id, [lease.slice])  # its embedding is ready when the crowd's masks are asked
+        return _task(by_id[lease.volume_id], dataset.labels, lease.slice, lease.expires_at, done)
+
+    first = pick(set())
+    if first is None:
+        return None
+    out = task(first, len(mine))
+    if ahead:
+        # The look-ahead slice: what the call after this task is answered would hand (a held one first).
+        second = pick({(first.volume_id, first.slice)})
+        out.next = task(second, len(mine) + 1) if second is not None else None
+    return out
 
 
 def _task(volume: Volume, labels: dict[str, int], k: int, expires_at: float, done: int) -> TaskOut:

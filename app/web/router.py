@@ -20,12 +20,17 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",  # vendored onnxruntime-web (Python's mimetypes may not know .mjs)
+    ".wasm": "application/wasm",  # WebAssembly.instantiateStreaming insists on it
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
     ".png": "image/png",
 }
-# Pages and assets change with deployments: let browsers revalidate (FileResponse sends ETag).
-_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# Pages and assets change with deployments: let browsers revalidate (FileResponse sends ETag). Cross-origin
+# isolation (COOP + COEP; everything the pages load is same-origin) gives them SharedArrayBuffer, so the in-page
+# SAM decoder (onnxruntime-web) may use several threads; without it (plain http on a LAN address) it uses one.
+_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+            "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 _PAGE_HEADERS = {**_HEADERS, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 router = APIRouter(tags=["web"])

@@ -3,6 +3,7 @@ import { API, ApiError, describe } from './api.js';
 import { CURSORS, clampBox, dragBox, hitTest, normalize, roundBox } from './geometry.js';
 import { Outbox, ownerTag } from './outbox.js';
 import { $, bindZoomButtons, onKeys, setStatus, showLogin, signInAgain, startPage, wheelZoom } from './page.js';
+import { LivePreview, decode, getDecoder, getEmbedding, groupPrompts, loadOrt, maskCanvas, promptKey } from './sam.js';
 import { uuid } from './uuid.js';
 import { View } from './view.js';
 
@@ -18,14 +19,30 @@ const state = {
   labels: [], // [name, value] sorted by value
   colors: {},
   organ: null,
-  boxes: [], // {client_id, label, box}
+  boxes: [], // {client_id, label, box, points: [{point: [x, y], positive, client_id}]}
   selected: null, // client_id
   busy: false,
   done: 0,
   drag: null,
   panMode: false,
   spaceHeld: false,
+  pointMode: null, // 'add' | 'sub' | null: clicks put positive/negative points into a box
+  sam: {
+    model: samModel(), // ?sam=<model> (default litemedsam), ?sam=off: no preview
+    visible: true,
+    embedding: null, // the current task's, once it and its decoder are loaded
+    results: new Map(), // box client_id (or 'drawing') -> {key, label, canvas, result, askedAt, decodedAt}
+    unpainted: [],
+    live: null,
+    timings: null, // what loading the current preview took (bench/web_decoder.py reads it)
+  },
 };
+
+function samModel() {
+  const wanted = new URL(window.location.href).searchParams.get('sam');
+  if (wanted === 'off') return null;
+  return wanted && /^[A-Za-z0-9_.-]{1,64}$/.test(wanted) ? wanted : 'litemedsam';
+}
 
 const canvas = $('canvas');
 const view = new View(canvas, drawOverlay);
@@ -40,6 +57,8 @@ async function load(api) {
   state.api = api;
   state.outbox = new Outbox(api, ownerTag(api.token), onOutboxEvent);
   state.datasets = await api.json('datasets');
+  const threads = Number(new URL(window.location.href).searchParams.get('sam_threads')) || undefined;
+  if (state.sam.model) loadOrt(threads).catch(() => {}); // load the runtime while the first task loads
 }
 
 /** The workspace shows: choose the dataset, send what an earlier visit kept, then the first task. */
@@ -78,6 +97,7 @@ async function nextTask() {
   state.task = null;
   state.boxes = [];
   state.selected = null;
+  resetSam();
   canvas.dataset.ready = 'false';
   refreshControls();
   $('empty').hidden = true;
@@ -88,7 +108,8 @@ async function nextTask() {
   $('task-info').textContent = 'Fetching the next slice…';
   let task;
   try {
-    task = await state.api.json('tasks/next', { query: { dataset: state.datasetId } });
+    // ahead=1: the task after this one is leased too (`next`), so its embedding and image load in the background.
+    task = await state.api.json('tasks/next', { query: { dataset: state.datasetId, ahead: 1 } });
   } catch (error) {
     $('task-info').textContent = `Could not get a slice: ${describe(error)}`;
     if (error instanceof ApiError && error.auth) showLogin(describe(error));
@@ -108,16 +129,38 @@ async function nextTask() {
   state.colors = task.colors || {};
   buildOrganPicker();
   $('task-info').textContent = `Case ${task.case_id}, slice ${task.slice}. Draw a box around every listed organ you see.`;
+  startSam(task); // the embedding is asked for as soon as the task is handed, alongside the slice image
   await loadImage(false);
   refreshControls();
+}
+
+const ahead = { key: null, bitmap: null }; // the next task's slice image, fetched in the background
+
+function imageKey(url) {
+  return `${url}|${$('window').value}`;
+}
+
+/** Fetch the next task's embedding (into sam.js's cache) and its slice image while this task is worked on. */
+function prefetch(next, embedding) {
+  if (!next || state.api === null) return;
+  if (embedding && state.sam.model) getEmbedding(state.api, next.volume_id, next.slice, state.sam.model).catch(() => {});
+  const key = imageKey(next.slice_url);
+  if (ahead.key === key) return;
+  if (ahead.bitmap) ahead.bitmap.then((b) => b.close(), () => {});
+  const [level, width] = ($('window').value || ',').split(',');
+  Object.assign(ahead, { key, bitmap: state.api.bitmap(next.slice_url, { level, width }) });
+  ahead.bitmap.catch(() => {});
 }
 
 async function loadImage(keepView) {
   const task = state.task;
   if (!task) return;
   const [level, width] = ($('window').value || ',').split(',');
+  const fetchImage = () => state.api.bitmap(task.slice_url, { level, width });
+  const early = ahead.key === imageKey(task.slice_url) ? ahead.bitmap.catch(fetchImage) : null;
+  if (early) Object.assign(ahead, { key: null, bitmap: null });
   try {
-    const bitmap = await state.api.bitmap(task.slice_url, { level, width });
+    const bitmap = await (early || fetchImage());
     if (state.task !== task) return;
     const previous = view.image;
     view.setImage(bitmap, { keepView });
@@ -187,7 +230,7 @@ function selectedBox() {
 }
 
 function addBox(box, label = state.organ) {
-  const entry = { client_id: uuid(), label, box: clampBox(box, view.w, view.h) };
+  const entry = { client_id: uuid(), label, box: clampBox(box, view.w, view.h), points: [] };
   state.boxes.push(entry);
   state.selected = entry.client_id;
   refreshControls();
@@ -230,10 +273,17 @@ canvas.addEventListener('pointerdown', (event) => {
     state.drag = { ...base, kind: 'pan' };
     return;
   }
+  if (state.pointMode) {
+    placePoint(x, y, event.pointerType, event.shiftKey);
+    return;
+  }
   const found = hit(x, y, event.pointerType);
   if (found) {
     state.selected = found.entry.client_id;
-    state.drag = { ...base, kind: 'edit', entry: found.entry, handle: found.handle, original: found.entry.box };
+    state.drag = {
+      ...base, kind: 'edit', entry: found.entry, handle: found.handle, original: found.entry.box,
+      originalPoints: found.entry.points.map((p) => p.point),
+    };
   } else {
     state.selected = null;
     const px = Math.min(view.w, Math.max(0, x));
@@ -248,8 +298,9 @@ canvas.addEventListener('pointermove', (event) => {
   if (!drag) {
     if (!view.image) return;
     const [x, y] = view.toDisplay(event.clientX, event.clientY);
-    const found = state.panMode || state.spaceHeld ? null : hit(x, y, event.pointerType);
-    canvas.style.cursor = state.panMode || state.spaceHeld ? 'grab' : found ? CURSORS[found.handle] : 'crosshair';
+    const found = state.panMode || state.spaceHeld || state.pointMode ? null : hit(x, y, event.pointerType);
+    canvas.style.cursor = state.panMode || state.spaceHeld ? 'grab' : state.pointMode ? 'copy'
+      : found ? CURSORS[found.handle] : 'crosshair';
     return;
   }
   if (event.pointerId !== drag.id) return;
@@ -265,7 +316,9 @@ canvas.addEventListener('pointermove', (event) => {
     drag.box = clampBox([drag.startX, drag.startY, x, y], view.w, view.h);
   } else {
     drag.entry.box = dragBox(drag.original, drag.handle, x - drag.startX, y - drag.startY, view.w, view.h);
+    if (drag.handle === 'move') movePoints(drag.entry, drag.originalPoints, drag.original);
   }
+  requestPreviews();
   view.render();
 });
 
@@ -279,8 +332,12 @@ function endDrag(event, cancelled) {
     const minSize = MIN_BOX_SCREEN_PX / view.scale;
     if (x1 - x0 >= minSize && y1 - y0 >= minSize && state.organ) addBox([x0, y0, x1, y1]);
   } else if (drag.kind === 'edit') {
-    if (cancelled) drag.entry.box = drag.original;
+    if (cancelled) {
+      drag.entry.box = drag.original;
+      movePoints(drag.entry, drag.originalPoints, drag.original);
+    }
     drag.entry.box = normalize(drag.entry.box);
+    dropPointsOutside(drag.entry);
   }
   refreshControls();
 }
@@ -300,6 +357,7 @@ canvas.addEventListener(
 );
 
 function drawOverlay(ctx) {
+  drawMasks(ctx);
   const all = state.boxes.map((entry) => ({ ...entry, selected: entry.client_id === state.selected }));
   if (state.drag && state.drag.kind === 'draw') {
     all.push({ label: state.organ, box: normalize(state.drag.box), selected: true, drawing: true });
@@ -342,6 +400,8 @@ function drawOverlay(ctx) {
       }
     }
   }
+  drawPoints(ctx);
+  notifyPainted();
 }
 
 // ---------------------------------------------------------------- side panel: box list and buttons
@@ -360,7 +420,10 @@ function refreshControls() {
       swatch.className = 'swatch';
       swatch.style.background = colorOf(entry.label);
       const [x0, y0, x1, y1] = entry.box.map((v) => Math.round(v));
-      select.append(swatch, `${index + 1}. ${entry.label.replaceAll('_', ' ')} [${x0}, ${y0}, ${x1}, ${y1}]`);
+      const positive = entry.points.filter((p) => p.positive).length;
+      const negative = entry.points.length - positive;
+      const points = entry.points.length ? ` +${positive} −${negative}` : '';
+      select.append(swatch, `${index + 1}. ${entry.label.replaceAll('_', ' ')} [${x0}, ${y0}, ${x1}, ${y1}]${points}`);
       select.addEventListener('click', () => {
         state.selected = entry.client_id;
         refreshControls();
@@ -387,6 +450,9 @@ function refreshControls() {
   $('delete-box').disabled = !ready || !state.selected;
   $('dataset').disabled = state.busy;
   $('submit').textContent = state.boxes.length > 1 ? `Submit ${state.boxes.length} boxes` : 'Submit boxes';
+  $('point-add').disabled = !ready;
+  $('point-sub').disabled = !ready;
+  requestPreviews();
   view.render();
 }
 
@@ -408,6 +474,226 @@ function addCentredBox() {
   addBox([cx - half, cy - half, cx + half, cy + half]);
   canvas.focus();
 }
+
+// ---------------------------------------------------------------- refinement points
+
+const round2 = (v) => Math.round(v * 100) / 100;
+
+function inside([x, y], box) {
+  const [x0, y0, x1, y1] = roundBox(normalize(box));
+  return x0 <= x && x <= x1 && y0 <= y && y <= y1;
+}
+
+function setPointMode(mode) {
+  state.pointMode = mode;
+  $('point-add').setAttribute('aria-pressed', String(mode === 'add'));
+  $('point-sub').setAttribute('aria-pressed', String(mode === 'sub'));
+  canvas.style.cursor = mode ? 'copy' : 'crosshair';
+  if (mode) setStatus(`${mode === 'add' ? 'Positive' : 'Negative'} points: click inside a box (Shift: the other kind; click a point to remove it; Esc: back to boxes).`);
+}
+
+/** A click in point mode: remove the point under it, else add one to the box under it (the selected box first). */
+function placePoint(x, y, pointerType, invert) {
+  const tol = tolerance(pointerType);
+  for (const entry of state.boxes) {
+    const index = entry.points.findIndex((p) => Math.hypot(p.point[0] - x, p.point[1] - y) <= tol);
+    if (index >= 0) {
+      entry.points.splice(index, 1);
+      state.selected = entry.client_id;
+      setStatus('Point removed.');
+      refreshControls();
+      return;
+    }
+  }
+  const point = [round2(x), round2(y)];
+  const sel = selectedBox();
+  const entry = [sel, ...[...state.boxes].reverse()].find((e) => e && inside(point, e.box));
+  if (!entry) {
+    setStatus('Points refine a box: click inside one.', true);
+    return;
+  }
+  const positive = (state.pointMode === 'add') !== invert;
+  entry.points.push({ point, positive, client_id: uuid() });
+  state.selected = entry.client_id;
+  refreshControls();
+}
+
+/** Points travel with their box when it is moved. */
+function movePoints(entry, originalPoints, originalBox) {
+  const dx = entry.box[0] - originalBox[0];
+  const dy = entry.box[1] - originalBox[1];
+  entry.points.forEach((p, i) => {
+    p.point = [round2(originalPoints[i][0] + dx), round2(originalPoints[i][1] + dy)];
+  });
+}
+
+/** A resize may leave points outside the box: they would no longer refine it (the worker drops them). */
+function dropPointsOutside(entry) {
+  const before = entry.points.length;
+  entry.points = entry.points.filter((p) => inside(p.point, entry.box));
+  if (entry.points.length < before) setStatus(`${before - entry.points.length} point(s) outside the box removed.`);
+}
+
+function drawPoints(ctx) {
+  for (const entry of state.boxes) {
+    for (const p of entry.points) {
+      const [sx, sy] = view.toScreen(p.point[0], p.point[1]);
+      ctx.beginPath();
+      ctx.arc(sx, sy, 6, 0, 2 * Math.PI);
+      ctx.fillStyle = p.positive ? '#1f9d55' : '#c62828';
+      ctx.fill();
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = colorOf(entry.label);
+      ctx.stroke();
+      ctx.strokeStyle = '#fff';
+      ctx.lineWidth = 1.75;
+      ctx.beginPath();
+      ctx.moveTo(sx - 3, sy);
+      ctx.lineTo(sx + 3, sy);
+      if (p.positive) {
+        ctx.moveTo(sx, sy - 3);
+        ctx.lineTo(sx, sy + 3);
+      }
+      ctx.stroke();
+    }
+  }
+}
+
+// ---------------------------------------------------------------- SAM preview (decoder in the page, sam.js)
+
+function samStatus(text) {
+  $('sam-status').textContent = text;
+}
+
+function resetSam() {
+  const sam = state.sam;
+  sam.embedding = null;
+  sam.results.clear();
+  sam.unpainted = [];
+  if (sam.live) sam.live.clear();
+  canvas.dataset.sam = 'loading';
+}
+
+/** The task's embedding and the decoder it names; then every box gets its mask. Failures only cost the preview. */
+async function startSam(task) {
+  const sam = state.sam;
+  if (!sam.model) {
+    samStatus('SAM preview is off on this page (?sam=off).');
+    canvas.dataset.sam = 'off';
+    prefetch(task.next, false);
+    return;
+  }
+  samStatus('Loading the SAM preview…');
+  try {
+    const embedding = await getEmbedding(state.api, task.volume_id, task.slice, sam.model, {
+      onPending: () => { if (state.task === task) samStatus('Preparing SAM preview… (a worker computes the slice embedding)'); },
+    });
+    if (state.task !== task) return;
+    samStatus('Loading the SAM decoder…');
+    const decoder = await getDecoder(state.api, embedding.meta.decoder);
+    if (state.task !== task) return;
+    sam.timings = {
+      wireBytes: embedding.wireBytes, embeddingMs: embedding.fetchMs, pendingMs: embedding.pendingMs,
+      decoderBytes: decoder.bytes, decoderLoadMs: decoder.loadMs, threads: decoder.threads,
+    };
+    sam.embedding = embedding;
+    canvas.dataset.sam = 'ready';
+    samStatus(`SAM preview ready (${sam.model}): the predicted mask follows your box.`);
+    requestPreviews();
+    prefetch(task.next, true); // now the next task's embedding and image, so its preview is ready after Submit
+  } catch (error) {
+    if (state.task !== task) return;
+    canvas.dataset.sam = 'failed';
+    samStatus(`No SAM preview for this slice: ${describe(error)}`);
+    prefetch(task.next, false);
+  }
+}
+
+/** The decoder prompt of a box as the worker will build it: its label's points inside it (plan.py). */
+function promptFor(box, label) {
+  const points = state.boxes.filter((b) => b.label === label).flatMap((b) => b.points);
+  return groupPrompts([roundBox(normalize(box))], points)[0];
+}
+
+/** Ask for the mask of every box whose prompt changed (the one under the pointer first). */
+function requestPreviews() {
+  const sam = state.sam;
+  if (!sam.embedding || !sam.live) return;
+  const wanted = new Map();
+  for (const entry of state.boxes) wanted.set(entry.client_id, { prompt: promptFor(entry.box, entry.label), label: entry.label });
+  if (state.drag && state.drag.kind === 'draw' && state.organ) {
+    const box = normalize(state.drag.box);
+    if (box[2] - box[0] >= 1 && box[3] - box[1] >= 1) wanted.set('drawing', { prompt: promptFor(box, state.organ), label: state.organ });
+  }
+  const drawn = sam.results.get('drawing');
+  for (const [id, want] of wanted) {
+    const key = `${want.label}|${promptKey(want.prompt)}`;
+    const have = sam.results.get(id);
+    if (have && have.key === key) {
+      sam.live.drop(id);
+    } else if (!have && drawn && drawn.key === key && id !== 'drawing') {
+      sam.results.set(id, drawn); // the box just drawn: the last frame's mask is already its mask
+      sam.live.drop(id);
+    } else {
+      sam.live.want(id, { ...want.prompt, label: want.label, key, embedding: sam.embedding });
+    }
+  }
+  for (const id of [...sam.results.keys()]) if (!wanted.has(id)) sam.results.delete(id);
+  for (const id of [...sam.live.pending.keys()]) if (!wanted.has(id)) sam.live.drop(id);
+  const drag = state.drag;
+  sam.live.priority = drag && drag.kind === 'draw' ? 'drawing' : drag && drag.entry ? drag.entry.client_id : state.selected;
+  sam.live.dragging = Boolean(drag && drag.kind !== 'pan');
+  sam.live.schedule(); // a let-go box may start on a free lane now
+}
+
+state.sam.live = new LivePreview(
+  async (prompt, lane) => (await decode(state.api, prompt.embedding, [prompt], lane))[0],
+  (id, prompt, result, askedAt, seq) => {
+    const sam = state.sam;
+    if (prompt.embedding !== sam.embedding) return;
+    const have = sam.results.get(id);
+    if (have && have.seq > seq) return; // a newer request's mask is already shown
+    const entry = {
+      key: prompt.key, label: prompt.label, canvas: maskCanvas(result, colorOf(prompt.label)), result, askedAt,
+      decodedAt: performance.now(), seq,
+    };
+    sam.results.set(id, entry);
+    sam.unpainted.push({ id, entry });
+    view.render();
+  },
+  (error) => samStatus(`SAM preview failed: ${describe(error)}`),
+);
+
+function drawMasks(ctx) {
+  const sam = state.sam;
+  if (!sam.visible || !sam.embedding) return;
+  const [ox, oy] = view.origin;
+  const s = view.scale;
+  ctx.save();
+  ctx.imageSmoothingEnabled = false;
+  for (const { canvas: mask } of sam.results.values()) ctx.drawImage(mask, ox, oy, view.w * s, view.h * s);
+  ctx.restore();
+}
+
+/** Tell listeners (tests, bench/web_decoder.py) which decoded masks this frame painted, and when. */
+function notifyPainted() {
+  const sam = state.sam;
+  if (!sam.unpainted.length) return;
+  const paintedAt = performance.now();
+  for (const { id, entry } of sam.unpainted.splice(0)) {
+    canvas.dispatchEvent(new CustomEvent('sam-painted', {
+      detail: { id, key: entry.key, askedAt: entry.askedAt, decodedAt: entry.decodedAt, paintedAt, decodeMs: entry.result.decodeMs },
+    }));
+  }
+}
+
+$('sam-toggle').addEventListener('change', () => {
+  state.sam.visible = $('sam-toggle').checked;
+  setStatus(state.sam.visible ? 'SAM preview shown.' : 'SAM preview hidden.');
+  view.render();
+});
+$('point-add').addEventListener('click', () => setPointMode(state.pointMode === 'add' ? null : 'add'));
+$('point-sub').addEventListener('click', () => setPointMode(state.pointMode === 'sub' ? null : 'sub'));
 
 // ---------------------------------------------------------------- submitting
 
@@ -445,7 +731,12 @@ async function submit(nothingHere) {
     boxes: nothingHere
       ? []
       : state.boxes.map((b) => ({ slice: task.slice, label: b.label, box: roundBox(normalize(b.box)), client_id: b.client_id })),
-    points: [],
+    // Refinement points: each lies inside its box, so the worker joins it to that box (workers/sam/plan.py).
+    points: nothingHere
+      ? []
+      : state.boxes.flatMap((b) => b.points.map((p) => ({
+        slice: task.slice, label: b.label, point: p.point, positive: p.positive, client_id: p.client_id,
+      }))),
     seen: [task.slice],
   };
   const id = state.outbox.add(`volumes/${task.volume_id}/prompts`, body, { slice: task.slice, case_id: task.case_id });
@@ -454,7 +745,8 @@ async function submit(nothingHere) {
   if (result.sent[id]) {
     state.done += 1;
     showDone();
-    setStatus(nothingHere ? 'Saved: nothing of these organs on that slice.' : `Saved ${body.boxes.length} box(es).`);
+    const points = body.points.length ? ` and ${body.points.length} point(s)` : '';
+    setStatus(nothingHere ? 'Saved: nothing of these organs on that slice.' : `Saved ${body.boxes.length} box(es)${points}.`);
     await nextTask();
     return;
   }
@@ -489,17 +781,29 @@ onKeys(view, (event) => {
     event.preventDefault();
     deleteSelected();
   } else if (event.key === 'Escape') {
-    state.selected = null;
+    if (state.pointMode) setPointMode(null);
+    else state.selected = null;
     refreshControls();
+  } else if (event.key === 'a' || event.key === 'A') {
+    setPointMode(state.pointMode === 'add' ? null : 'add');
+  } else if (event.key === 's' || event.key === 'S') {
+    setPointMode(state.pointMode === 'sub' ? null : 'sub');
+  } else if (event.key === 'v' || event.key === 'V') {
+    $('sam-toggle').click();
   } else if (event.key.startsWith('Arrow') && sel && !state.busy && event.target === canvas) {
     event.preventDefault();
     const step = event.shiftKey ? 10 : 1;
     const dx = { ArrowLeft: -step, ArrowRight: step }[event.key] || 0;
     const dy = { ArrowUp: -step, ArrowDown: step }[event.key] || 0;
+    const before = sel.box;
+    const originalPoints = sel.points.map((p) => p.point);
     sel.box = normalize(dragBox(sel.box, event.altKey ? 'se' : 'move', dx, dy, view.w, view.h));
+    if (!event.altKey) movePoints(sel, originalPoints, before);
+    dropPointsOutside(sel);
     refreshControls();
   } else if (event.key === 'b' || event.key === 'B') {
     event.preventDefault();
+    setPointMode(null);
     addCentredBox();
   } else if (event.key === ' ' && (event.target === canvas || event.target === document.body)) {
     event.preventDefault();
@@ -519,4 +823,10 @@ document.addEventListener('keyup', (event) => {
 startPage({ load, show, onSignOut: () => { state.api = null; } });
 
 // For debugging and tests: a read-only peek at the page state.
-window.crowdsamAnnotate = { state, view, API };
+window.crowdsamAnnotate = { state, view, API, samKeyOf };
+
+/** The preview key a box's mask must have to be current (tests and the bench wait for it). */
+function samKeyOf(id) {
+  const entry = state.boxes.find((b) => b.client_id === id);
+  return entry ? `${entry.label}|${promptKey(promptFor(entry.box, entry.label))}` : null;
+}

@@ -32,10 +32,13 @@ export class Api {
     this.token = token;
   }
 
-  /** fetch() with the token; throws ApiError for non-2xx, TypeError when the network is down. */
-  async request(method, path, { json, query, signal } = {}) {
+  /**
+   * fetch() with the token; throws ApiError for non-2xx, TypeError when the network is down. `cache` is
+   * fetch's cache mode ('no-store' by default; 'default' for immutable downloads such as the SAM decoder).
+   */
+  async request(method, path, { json, query, signal, cache = 'no-store' } = {}) {
     const headers = { Authorization: `Bearer ${this.token}` };
-    const init = { method, headers, signal, cache: 'no-store' };
+    const init = { method, headers, signal, cache };
     if (json !== undefined) {
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(json);

@@ -2,6 +2,7 @@
 import { API, describe } from './api.js';
 import { $, bindZoomButtons, onKeys, setStatus, startPage, wheelZoom } from './page.js';
 import { labelColor } from '/static/palette.js';
+import { decode, getDecoder, getEmbedding, groupPrompts, maskOutline } from './sam.js';
 import { View } from './view.js';
 
 const DASHES = [[], [8, 4], [2, 3], [10, 3, 2, 3], [4, 4]];
@@ -27,6 +28,7 @@ const state = {
   opacity: 0.5,
   mask: null, // ImageBitmap of the current slice's mask
   seq: 0,
+  sam: { on: false, items: [], slice: null, seq: 0 }, // "SAM per annotator": [{annotator, label, result, outline}] of the slice
 };
 
 const cache = new Map(); // key -> Promise<ImageBitmap>
@@ -195,6 +197,79 @@ function buildAnnotatorToggles() {
 
 // ---------------------------------------------------------------- slices
 
+// ---------------------------------------------------------------- SAM per annotator (decoder in the page, sam.js)
+
+/** Each annotator's own masks of the slice: their boxes (+ points) decoded in the page, as the worker would. */
+async function refreshAnnotatorMasks() {
+  const sam = state.sam;
+  const seq = ++sam.seq;
+  const k = state.slice;
+  const canvas = $('canvas');
+  if (!sam.on) {
+    sam.items = [];
+    $('sam-status').textContent = '';
+    view.render();
+    return;
+  }
+  const prompts = state.prompts.get(k) || [];
+  const groups = new Map(); // `${annotator}\u0000${label}` -> {annotator, label, boxes, points}
+  for (const p of prompts) {
+    const id = `${p.annotator}\u0000${p.label}`;
+    if (!groups.has(id)) groups.set(id, { annotator: p.annotator, label: p.label, boxes: [], points: [] });
+    if (p.box) groups.get(id).boxes.push(p.box);
+    else if (p.point) groups.get(id).points.push({ point: p.point, positive: p.positive !== false });
+  }
+  const wanted = [...groups.values()].flatMap((g) => groupPrompts(g.boxes, g.points).map((prompt) => ({ ...g, prompt })));
+  if (!wanted.length) {
+    sam.items = [];
+    canvas.dataset.samSlice = String(k);
+    $('sam-status').textContent = 'No crowd prompts on this slice.';
+    view.render();
+    return;
+  }
+  const model = state.segmentation?.model || 'litemedsam';
+  $('sam-status').textContent = `Decoding ${wanted.length} prompt(s) with ${model}…`;
+  try {
+    const embedding = await getEmbedding(state.api, volumeId, k, model, {
+      onPending: () => { if (seq === sam.seq) $('sam-status').textContent = 'Preparing the SAM embedding of this slice…'; },
+    });
+    if (seq !== sam.seq) return;
+    await getDecoder(state.api, embedding.meta.decoder); // loaded once per page: not part of the decode time
+    if (seq !== sam.seq) return;
+    const started = performance.now();
+    const results = await decode(state.api, embedding, wanted.map((w) => w.prompt));
+    if (seq !== sam.seq) return;
+    sam.items = wanted.map((w, i) => ({ annotator: w.annotator, label: w.label, result: results[i], outline: maskOutline(results[i]) }));
+    sam.slice = k;
+    canvas.dataset.samSlice = String(k);
+    $('sam-status').textContent = `${wanted.length} mask(s) decoded in the page in ${Math.round(performance.now() - started)} ms (${model}).`;
+    view.render();
+  } catch (error) {
+    if (seq === sam.seq) $('sam-status').textContent = `No per-annotator masks: ${describe(error)}`;
+  }
+}
+
+function drawAnnotatorMasks(ctx, ox, oy, s) {
+  const sam = state.sam;
+  if (!sam.on || !sam.items.length || sam.slice !== state.slice) return; // another slice's masks: not yet
+  ctx.save();
+  ctx.translate(ox, oy);
+  ctx.scale(s, s);
+  for (const item of sam.items) {
+    if (state.hiddenAnnotators.has(item.annotator)) continue;
+    const dash = DASHES[state.annotators.indexOf(item.annotator) % DASHES.length].map((v) => v / s);
+    ctx.setLineDash(dash);
+    ctx.lineWidth = 3.5 / s;
+    ctx.strokeStyle = 'rgba(0,0,0,0.7)';
+    ctx.stroke(item.outline);
+    ctx.lineWidth = 1.75 / s;
+    ctx.strokeStyle = colorOf(item.label);
+    ctx.stroke(item.outline);
+  }
+  ctx.restore();
+  ctx.setLineDash([]);
+}
+
 async function showSlice(k) {
   const v = state.volume;
   if (!v) return;
@@ -204,6 +279,7 @@ async function showSlice(k) {
   describeSlice();
   drawCoverage();
   updateUrl();
+  if (state.sam.on) refreshAnnotatorMasks();
   await refreshSlice();
 }
 
@@ -259,6 +335,7 @@ function drawOverlay(ctx) {
     ctx.drawImage(state.mask, ox, oy, view.w * s, view.h * s);
     ctx.restore();
   }
+  drawAnnotatorMasks(ctx, ox, oy, s);
   if (!state.showPrompts) return;
   for (const p of state.prompts.get(state.slice) || []) {
     if (state.hiddenAnnotators.has(p.annotator)) continue;
@@ -357,7 +434,12 @@ $('segmentation').addEventListener('change', () => {
 });
 $('refresh').addEventListener('click', async () => {
   await Promise.all([loadSegmentations(), loadPrompts(), loadCoverage()]);
+  if (state.sam.on) refreshAnnotatorMasks();
   await refreshSlice();
+});
+$('sam-annotators').addEventListener('change', () => {
+  state.sam.on = $('sam-annotators').checked;
+  refreshAnnotatorMasks();
 });
 $('download').addEventListener('click', async (event) => {
   event.preventDefault();
@@ -399,6 +481,8 @@ onKeys(view, (event) => {
     view.render();
   } else if (event.key === 'p' || event.key === 'P') {
     $('show-prompts').click();
+  } else if (event.key === 's' || event.key === 'S') {
+    $('sam-annotators').click();
   } else {
     return false;
   }
