@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.job import Job
@@ -261,3 +262,24 @@ def test_export_errors_transient_retry_permanent_fail(
     assert row.status == "failed" and row.attempts == 1 and "split" in row.error, vars(row)
     job = Job.fetch(f"export-{permanent_id}", connection=get_redis())
     assert job.get_status() == RQStatus.FAILED and job.retries_left == 0
+
+
+def test_nan_in_progress_and_results_is_stored_as_null(
+    client: Any, tokens: Any, dataset: dict[str, Any], run_jobs: Any
+) -> None:
+    """nnU-Net's pseudo-Dice of an organ absent from the validation patches is NaN: JSONB refuses NaN, so the
+    runner writes progress and result columns as strict JSON (null) instead of failing the job."""
+    from app.jobs.runner import run_job
+
+    upload_ct_cases(client, tokens, dataset["id"])
+    export_id = _export(client, tokens, dataset["id"], 441).json()["id"]
+    seen: dict[str, Any] = {}
+
+    def nan_handler(context: Any) -> dict[str, Any]:
+        context.progress(1, 2, pseudo_dice={"spleen": float("nan"), "liver": 0.5}, loss=np.float32("inf"))
+        seen.update(_row("export", export_id).progress)
+        return {"result": {"dice": [float("nan"), np.float64(0.25)], 3: np.int64(7)}}
+
+    assert run_job("export", export_id, nan_handler)["status"] == "finished"
+    assert seen == {"done": 1, "total": 2, "pseudo_dice": {"spleen": None, "liver": 0.5}, "loss": None}
+    assert _row("export", export_id).result == {"dice": [None, 0.25], "3": 7}

@@ -1,4 +1,4 @@
-"""Paired statistics for comparing two sets of scores, and strict-JSON conversion of results.
+"""Paired statistics for comparing two sets of scores (``json_safe``, re-exported: strict JSON of results).
 
 Paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) with the matched-pairs rank-biserial
 correlation as effect size. Used by the API (comparisons) and the evaluation worker; no torch.
@@ -7,25 +7,15 @@ correlation as effect size. Used by the API (comparisons) and the evaluation wor
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from app.core.jsonsafe import json_safe
 
-def json_safe(obj: Any) -> Any:
-    """NaN/inf → None, numpy scalars → Python, int keys → str: strict JSON (and JSONB) friendly."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
+__all__ = ["json_safe", "paired_wilcoxon", "rank_biserial"]
 
 
 def rank_biserial(x: Sequence[float] | npt.NDArray[np.float64], y: Sequence[float] | npt.NDArray[np.float64]) -> float:

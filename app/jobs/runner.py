@@ -41,6 +41,7 @@ from sqlalchemy import update
 import app.models  # every table is known, so a job's flush can resolve its foreign keys
 from app.core.db import session_scope
 from app.core.errors import CrowdsamError, PermanentJobError
+from app.core.jsonsafe import json_safe
 from app.core.logs import job_context
 from app.core.metrics import JobMetrics
 from app.core.storage import Storage, get_storage
@@ -88,7 +89,7 @@ class JobContext:
             session.execute(
                 update(model)
                 .where(model.id == self.row_id, model.status == JobStatus.running)
-                .values(progress={"done": int(done), "total": int(total), **extra})
+                .values(progress=json_safe({"done": int(done), "total": int(total), **extra}))
             )
             session.commit()
         self._last_write = now
@@ -124,7 +125,7 @@ def _run(kind: JobKind, row_id: int, handler: Handler, storage: Storage | None) 
         context.check_cancel()
         values = handler(context)
         context.check_cancel()
-        _set(kind, row_id, status=JobStatus.finished, error=None, finished_at=_now(), **values)
+        _set(kind, row_id, status=JobStatus.finished, error=None, finished_at=_now(), **json_safe(values))
         outcome = "finished"
     except Canceled:
         _set(kind, row_id, status=JobStatus.canceled, error="canceled while running", finished_at=_now())
