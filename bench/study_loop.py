@@ -40,6 +40,7 @@ import csv
 import itertools
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -332,6 +333,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--json", type=Path, help="write every row the loop read here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the embedded API and worker on the way out
 
     with tempfile.TemporaryDirectory(prefix="crowdsam-study-loop-") as tmp, contextlib.ExitStack() as stack:
         if args.url:

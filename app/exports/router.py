@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
@@ -9,8 +7,8 @@ from app.auth.idempotency import IdempotencyDep
 from app.auth.security import Staff
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
+from app.core.http import stored_file
 from app.core.responses import Id, errors
-from app.core.storage import get_storage
 from app.datasets.repository import DatasetRepository
 from app.exports import service
 from app.exports.jobs import KIND
@@ -69,20 +67,10 @@ def delete_export(export_id: Id, session: SessionDep, _: Staff) -> Response:
         **errors(403, 404, 409, 422),
     },
 )
-def download_archive(export_id: Id, session: SessionDep, _: Staff) -> StreamingResponse:
+def download_archive(export_id: Id, session: SessionDep, _: Staff) -> Response:
     """The export as a streamed ``.tar.gz`` (409 while it is still running)."""
     row = ExportRepository(session).get(export_id)
     key = service.archive_key(row)
-    handle = get_storage().open(key)
     folder = (row.result or {}).get("folder", f"export{row.id}")
-
-    def chunks() -> Iterator[bytes]:
-        with handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    headers = {
-        "Content-Disposition": content_disposition(f"{folder}.tar.gz"),
-        "Content-Length": str(get_storage().size(key)),
-    }
-    return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)
+    return stored_file(key, media_type="application/gzip",
+                       headers={"Content-Disposition": content_disposition(f"{folder}.tar.gz")})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
@@ -34,7 +33,7 @@ from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.errors import Conflict, Forbidden, NotFound
 from app.core.hashing import sha256_text
-from app.core.http import etag_matches
+from app.core.http import etag_matches, stored_file
 from app.core.redis import get_queue, get_redis
 from app.core.responses import Id, errors
 from app.core.storage import Storage, get_storage
@@ -225,16 +224,5 @@ def prompt_decoder(
     if not storage.exists(key):
         raise NotFound(f"no {model} decoder {decoder_id!r} has been published: fetch a slice embedding first "
                        "(its X-Crowdsam-Embedding header names the current decoder)")
-    etag = f'"{decoder_id}"'
-    headers = {"ETag": etag, "Cache-Control": DECODER_CACHE_CONTROL}
-    if etag_matches(request_.headers.get("if-none-match"), etag):
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    handle = storage.open(key)
-
-    def chunks() -> Iterator[bytes]:
-        with handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
-                             headers={**headers, "Content-Length": str(storage.size(key))})
+    return stored_file(key, media_type="application/octet-stream", headers={"Cache-Control": DECODER_CACHE_CONTROL},
+                       etag=f'"{decoder_id}"', if_none_match=request_.headers.get("if-none-match"))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response, status
@@ -11,7 +10,7 @@ from app.auth.security import Staff
 from app.core.db import SessionDep
 from app.core.disposition import content_disposition
 from app.core.errors import Conflict
-from app.core.http import etag_matches
+from app.core.http import stored_file
 from app.core.pagination import LINK_HEADER_DOC, PageDep
 from app.core.responses import Id, errors
 from app.core.storage import get_storage
@@ -120,17 +119,8 @@ def _archive(request: Request, row: Training, what: Literal["checkpoint", "predi
     digest = recorded.get("sha256") if isinstance(recorded, dict) else None
     stamp = int(row.finished_at.timestamp() * 1000) if row.finished_at else 0
     etag = f'"{digest}"' if isinstance(digest, str) and digest else f'"training{row.id}-{what}-{size}-{stamp}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
-    if etag_matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    handle = storage.open(key)
-
-    def chunks() -> Iterator[bytes]:
-        with handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
     name = "model" if what == "checkpoint" else "predictions"
-    headers |= {"Content-Disposition": content_disposition(f"training{row.id}_{name}.tar.gz"),
-                "Content-Length": str(size)}
-    return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)
+    headers = {"Cache-Control": "private, max-age=0, must-revalidate",
+               "Content-Disposition": content_disposition(f"training{row.id}_{name}.tar.gz")}
+    return stored_file(key, media_type="application/gzip", etag=etag,
+                       if_none_match=request.headers.get("if-none-match"), headers=headers)
