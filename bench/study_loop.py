@@ -27,7 +27,9 @@ Run against the embedded stack it starts itself (PostgreSQL, Redis, ``crowdsam s
 
     .venv/bin/python bench/study_loop.py [--gpu] [--epochs N] [--out study-loop.md]
 
-or against a running deployment: ``--url https://host --token …`` (its workers must serve ``train``).
+or against a running deployment: ``--url https://host --token …`` (its workers must serve ``train``);
+``--dataset ID`` uses that dataset's cases (split, references, labels) instead of the sample blocks, and
+``--real-crowd`` keeps the prompts already stored (a real crowd) instead of simulating one.
 The last line printed is ``study loop: reference <dice> · crowd/background <dice> · crowd/ignore <dice>
 (study: .896 vs .799)``.
 """
@@ -99,6 +101,7 @@ def embedded_stack(workdir: Path) -> Iterator[tuple[str, str]]:
     os.environ["DATABASE_URL"] = database_url()
     os.environ["REDIS_URL"] = redis_url()
     migrate.upgrade()
+    _forget_earlier_runs()
     with session_scope() as session:
         _, token = create_token(session, f"study-loop-{uuid.uuid4().hex[:6]}", Role("admin"))
         session.commit()
@@ -122,6 +125,21 @@ def embedded_stack(workdir: Path) -> Iterator[tuple[str, str]]:
             stop_process(proc)
         for handle in logs:
             handle.close()
+
+
+def _forget_earlier_runs() -> None:
+    """This private stack's queues may still hold an interrupted run's jobs (a training retry): drop them, so the
+    new run's jobs do not wait behind work nobody will read."""
+    from rq.registry import ScheduledJobRegistry
+
+    from app.core.redis import get_queue
+
+    for name in ("sam", "cpu", "train"):
+        queue = get_queue(name)
+        queue.empty()
+        registry = ScheduledJobRegistry(queue=queue)
+        for job_id in registry.get_job_ids():
+            registry.remove(job_id, delete_job=True)
 
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
@@ -201,13 +219,11 @@ def training_body(args: argparse.Namespace, export_id: int) -> dict[str, Any]:
     return body
 
 
-def run(api: Api, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    stamp = uuid.uuid4().hex[:6]
+def upload_blocks(api: Api, args: argparse.Namespace, tmp: Path, stamp: str,
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A new dataset with the sample CT's z-blocks as cases (``--test-blocks`` of them the test split)."""
     dataset = api.post("/datasets", json={"name": f"study-loop-{stamp}", "labels": LABELS,
                                           "window": {"level": 40, "width": 400}})
-    did = dataset["id"]
     test_blocks = {int(b) for b in args.test_blocks.split(",")}
     volumes: dict[str, dict[str, Any]] = {}
     for i, (case, image, reference) in enumerate(write_blocks(tmp, args.blocks)):
@@ -217,20 +233,33 @@ def run(api: Api, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             return {"files": {"image": (image.name, image.open("rb"), "application/gzip"),
                               "reference": (reference.name, reference.open("rb"), "application/gzip")}}
 
-        volumes[case] = api.post(f"/datasets/{did}/volumes", build=files, data={
+        volumes[case] = api.post(f"/datasets/{dataset['id']}/volumes", build=files, data={
             "case_id": case, "split": split, "reference_map": json.dumps(TOTALSEG_MAP),
             "reference_other": "background"})
         log(f"uploaded {case} ({split}): volume {volumes[case]['id']}, shape {volumes[case]['shape']}")
+    return dataset, volumes
+
+
+def run(api: Api, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    stamp = uuid.uuid4().hex[:6]
+    if args.dataset is not None:  # the researcher's own cases: their split, references and labels
+        dataset = api.get(f"/datasets/{args.dataset}")
+        volumes = {v["case_id"]: v for v in api.pages(f"/datasets/{args.dataset}/volumes")}
+    else:
+        dataset, volumes = upload_blocks(api, args, tmp, stamp)
+    did, labels = dataset["id"], list(dataset["labels"])
     train = [v for v in volumes.values() if v["split"] == "train"]
     timings["upload_s"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    for seed, volume in enumerate(train):
+    for seed, volume in enumerate([] if args.real_crowd else train):
         crowd = api.post(f"/volumes/{volume['id']}/prompts/simulate", json={
             "annotators": args.annotators, "coverage": args.coverage, "jitter": args.jitter, "seed": seed})
         log(f"crowd on {volume['case_id']}: {crowd['boxes']} boxes, {crowd['seen_slices']} seen slices")
     segs = api.post(f"/datasets/{did}/segmentations", json={"model": "litemedsam", "fusion": "majority",
-                                                          "labels": list(LABELS)})  # absent organs: background
+                                                          "labels": labels})  # absent organs: background
     wait(api, [f"/segmentations/{i}" for i in segs["ids"]], "segmentation", args.timeout)
     timings["crowd_and_sam_s"] = time.perf_counter() - t0
 
@@ -258,18 +287,18 @@ def run(api: Api, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "training_a": trainings[a]["id"], "training_b": trainings[b]["id"], "metric": "dice"})
         for a, b in COMPARISONS}
     timings["total_s"] = time.perf_counter() - started
-    return {"dataset": did, "volumes": volumes, "trainings": trained,
+    return {"dataset": did, "labels": labels, "volumes": volumes, "trainings": trained,
             "evaluations": dict(zip(evaluations, scored, strict=True)), "comparisons": comparisons,
             "timings": timings, "budget": {name: t["params"] for name, t in trained.items()}}
 
 
 # --- report --------------------------------------------------------------------------------------
-def dice_by_label(evaluation: dict[str, Any]) -> dict[str, float | None]:
+def dice_by_label(evaluation: dict[str, Any], labels: list[str]) -> dict[str, float | None]:
     """Mean Dice over the test cases per label (NaN cases — organ absent from both — left out) and overall."""
     result = evaluation["result"]
     out: dict[str, float | None] = {}
     values_all = []
-    for label in LABELS:
+    for label in labels:
         values = [c["metrics"][label]["Dice"] for c in result["cases"]
                   if label in c["metrics"] and c["metrics"][label].get("Dice") is not None]
         out[label] = statistics.fmean(values) if values else None
@@ -284,27 +313,30 @@ def fmt(value: float | None) -> str:
 
 def markdown(outcome: dict[str, Any], args: argparse.Namespace) -> str:
     study = study_numbers()
-    dice = {name: dice_by_label(e) for name, e in outcome["evaluations"].items()}
+    labels = outcome["labels"]
+    dice = {name: dice_by_label(e, labels) for name, e in outcome["evaluations"].items()}
     budget = training_body(args, 0)
     budget.pop("export_id")
     test_cases = [c for c, v in outcome["volumes"].items() if v["split"] == "test"]
+    source = f"dataset {args.dataset}" if args.dataset else "z-blocks of one CT"
     lines = [
         f"Budget: {json.dumps(budget)} — {'GPU' if args.gpu else 'CPU'}; train cases: "
         f"{sum(v['split'] == 'train' for v in outcome['volumes'].values())}, test cases: {', '.join(test_cases)} "
-        "(z-blocks of one CT). The study trained nnU-Net's full budget on 15 BTCV patients (far more than this).",
+        f"({source}). The study trained nnU-Net with its full budget on BTCV; its rows are the mean Dice "
+        "over its 15 test cases (seed/results/BTCV/*-nnunet-11-pred.csv): far more data and training than this.",
         "",
-        "| labels of the training | " + " | ".join(LABELS) + " | mean |",
-        "|---|" + "---|" * (len(LABELS) + 1),
+        "| labels of the training | " + " | ".join(labels) + " | mean |",
+        "|---|" + "---|" * (len(labels) + 1),
     ]
     for name in dice:
-        lines.append(f"| {name} (this run) | " + " | ".join(fmt(dice[name][k]) for k in [*LABELS, "mean"]) + " |")
+        lines.append(f"| {name} (this run) | " + " | ".join(fmt(dice[name][k]) for k in [*labels, "mean"]) + " |")
     for name, label in (("GT", "reference (study, BTCV)"), ("SAM", "crowd-SAM (study, BTCV)")):
-        lines.append(f"| {label} | " + " | ".join(fmt(study[name][k]) for k in [*LABELS, "mean"]) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(study[name].get(k)) for k in [*labels, "mean"]) + " |")
     lines += ["", "| comparison (Dice, paired Wilcoxon) | pairs | p (pooled) | effect size |", "|---|---|---|---|"]
     for name, result in outcome["comparisons"].items():
         pooled = result["pooled"]
         lines.append(f"| {name} | {pooled.get('n')} | {fmt(pooled.get('p_value'))} | "
-                     f"{fmt(pooled.get('effect_size'))} |")
+                     f"{fmt(pooled.get('effect_size_rank_biserial'))} |")
     timings = outcome["timings"]
     lines += ["", "Wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())]
     return "\n".join(lines)
@@ -321,6 +353,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, help="training iterations per epoch")
     parser.add_argument("--patch", type=int, nargs="+", help="patch size (z y x or y x)")
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--dataset", type=int, help="use this dataset's cases (its train/test split, references "
+                        "and labels) instead of uploading the sample CT's blocks")
+    parser.add_argument("--real-crowd", action="store_true",
+                        help="keep the prompts already stored (a real crowd) instead of simulating one")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--test-blocks", default="1,3")
     parser.add_argument("--annotators", type=int, default=3)
@@ -352,7 +388,7 @@ def main() -> None:
         args.out.write_text(table + "\n")
     if args.json:
         args.json.write_text(json.dumps(outcome, indent=1, default=str))
-    dice = {name: dice_by_label(e)["mean"] for name, e in outcome["evaluations"].items()}
+    dice = {name: dice_by_label(e, outcome["labels"])["mean"] for name, e in outcome["evaluations"].items()}
     print("study loop: " + " · ".join(f"{name} {fmt(value)}" for name, value in dice.items())
           + " (study: .896 vs .799)")
 
