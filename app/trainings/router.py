@@ -97,7 +97,8 @@ def download_checkpoint(training_id: Id, request: Request, session: SessionDep, 
     "/trainings/{training_id}/predictions",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/gzip": {}},
-                     "description": "predictions.tar.gz: {case}.nii.gz of the test cases (dataset label values)"},
+                     "description": "predictions.tar.gz: nnU-Net's output folder for the test cases "
+                                    "({case}.nii.gz in the export's label values)"},
                **ARCHIVE_RESPONSES},
 )
 def download_predictions(training_id: Id, request: Request, session: SessionDep, _: Staff) -> Response:

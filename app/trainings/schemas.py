@@ -68,7 +68,7 @@ class TrainingOut(DatasetJobOut):
     folds: list[Fold]
     progress: dict[str, Any] = Field(description=(
         "while it runs, as the worker writes it: done/total (epochs over every fold trained), phase (queued, "
-        "start, plan, preprocess, train, validate, predict), device; while training fold, epoch/epochs and the "
+        "start, plan, preprocess, train, validate, predict, store), device; while training fold, epoch/epochs and the "
         "last epoch's train_loss, val_loss, pseudo_dice (per label), ema, lr, epoch_s; while predicting "
         "cases_done/cases_total"))
     result: dict[str, Any] | None = Field(
