@@ -49,19 +49,21 @@ def to_wire(embedding: npt.NDArray[np.floating]) -> bytes:
     return gzip.compress(data.tobytes(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-_DECODERS: dict[str, dict[str, Any]] = {}  # decoder store key → what the header says about it (per process)
+_DECODERS: dict[str, dict[str, Any]] = {}  # decoder store key → what the header says about it
 
 
 def publish_decoder(storage: Storage, engine: Any, model: str) -> dict[str, Any]:
-    """Put the engine's browser decoder (one ONNX file) in the store once; what the embedding header names."""
+    """Put the engine's browser decoder (one ONNX file) in the store unless it is there; what the embedding
+    header says about it. The file's size and hash are computed once per process; its presence in the store
+    is checked every time (one HEAD: the store may have been emptied or be another one since)."""
     decoder_id = engine.decoder_id
     key = embeddings.decoder_key(model, decoder_id)
+    path = engine.web_decoder()
     if key not in _DECODERS:
-        path = engine.web_decoder()
-        if not storage.exists(key):
-            storage.put_file(key, path)
         _DECODERS[key] = {"id": decoder_id, "url": embeddings.decoder_url(model, decoder_id),
                           "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if not storage.exists(key):
+        storage.put_file(key, path)
     return _DECODERS[key]
 
 
