@@ -114,12 +114,13 @@ def _archive(request: Request, row: Training, what: Literal["checkpoint", "predi
     key = row.model_key if what == "checkpoint" else row.predictions_key
     if key is None:
         raise Conflict(f"training {row.id} stored no {what} archive")
-    storage = get_storage()
-    size = storage.size(key)
     recorded = (row.result or {}).get("model" if what == "checkpoint" else "predictions_archive") or {}
     digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-    stamp = int(row.finished_at.timestamp() * 1000) if row.finished_at else 0
-    etag = f'"{digest}"' if isinstance(digest, str) and digest else f'"training{row.id}-{what}-{size}-{stamp}"'
+    if isinstance(digest, str) and digest:
+        etag = f'"{digest}"'
+    else:  # an older row without the hash: its size and finish time (one more stat of the object)
+        stamp = int(row.finished_at.timestamp() * 1000) if row.finished_at else 0
+        etag = f'"training{row.id}-{what}-{get_storage().size(key)}-{stamp}"'
     name = "model" if what == "checkpoint" else "predictions"
     headers = {"Cache-Control": "private, max-age=0, must-revalidate",
                "Content-Disposition": content_disposition(f"training{row.id}_{name}.tar.gz")}
